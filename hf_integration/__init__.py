@@ -1,0 +1,1 @@
+"""w4a8_dint.hf_integration"""

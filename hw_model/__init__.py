@@ -1,0 +1,1 @@
+"""w4a8_dint.hw_model"""

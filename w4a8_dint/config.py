@@ -1,0 +1,129 @@
+"""The ``quantization_config`` schema and checkpoint tensor names, in one place.
+
+calibrate writes it, the HF and vLLM integrations read it. For every quantized
+linear ``<prefix>`` (an ``nn.Linear`` module name, e.g.
+``model.layers.0.self_attn.q_proj``) a checkpoint holds:
+
+* ``<prefix>.qweight``       uint8   ``[N, K // 2]``  packed codes (see formats.py)
+* ``<prefix>.weight_scale``  float32 ``[N, K // G]``  (``[N, 1]`` per channel)
+* ``<prefix>.input_scale``   float32 ``[1]``          only for ``per-tensor`` (static) layers
+* ``<prefix>.smooth_scale``  float32 ``[K]``          only when the layer's smoothing vector could
+  not be folded into the previous op; the layer divides its input by it
+* ``<prefix>.bias``          as in the float model, when present
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .formats import DEFAULT_FORMAT, PER_CHANNEL, CodeTable, FormatError, format_from_config, get_format
+from .reference import ACT_MODES
+
+QUANT_METHOD = "w4a8-dint"
+CONFIG_VERSION = 1
+
+QWEIGHT = "qweight"
+WEIGHT_SCALE = "weight_scale"
+INPUT_SCALE = "input_scale"
+SMOOTH_SCALE = "smooth_scale"
+BIAS = "bias"
+
+METHODS = ("rtn", "smoothquant", "awq", "aqas", "fptq")
+DEFAULT_MODULES_TO_NOT_CONVERT = ("lm_head",)
+
+
+class ConfigError(ValueError):
+    """A quantization_config that is missing, malformed, or does not match the weights."""
+
+
+@dataclass
+class LayerPolicy:
+    """What one quantized linear does at run time."""
+
+    act_mode: str = "per-token"
+    smooth: bool = False  # a <prefix>.smooth_scale tensor is present
+
+    def __post_init__(self) -> None:
+        if self.act_mode not in ACT_MODES:
+            raise ConfigError(f"act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
+
+
+@dataclass
+class W4A8Config:
+    """A W4A8 scheme plus what calibration decided per layer (torchao-style typed config)."""
+
+    format: str = DEFAULT_FORMAT
+    group_size: int = PER_CHANNEL
+    act_mode: str = "per-token"  # for layers not listed in ``layers``
+    layers: dict[str, LayerPolicy] = field(default_factory=dict)
+    modules_to_not_convert: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES_TO_NOT_CONVERT))
+    method: str = "rtn"
+    calibration: dict[str, Any] = field(default_factory=dict)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        get_format(self.format)
+        if self.group_size != PER_CHANNEL and self.group_size <= 0:
+            raise ConfigError(f"group_size must be -1 (per channel) or positive, got {self.group_size}")
+        if self.act_mode not in ACT_MODES:
+            raise ConfigError(f"act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        self.layers = {k: v if isinstance(v, LayerPolicy) else LayerPolicy(**v) for k, v in self.layers.items()}
+
+    @property
+    def table(self) -> CodeTable:
+        return get_format(self.format)
+
+    def policy(self, prefix: str) -> LayerPolicy:
+        return self.layers.get(prefix, LayerPolicy(act_mode=self.act_mode))
+
+    def is_skipped(self, prefix: str) -> bool:
+        """True for modules kept in float (exact name or a dotted suffix match, like HF)."""
+        return any(prefix == m or prefix.endswith("." + m) or prefix.startswith(m + ".") for m in self.modules_to_not_convert)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "version": self.version,
+            "format": self.table.to_config(),
+            "bits": 4,
+            "activation_bits": 8,
+            "group_size": self.group_size,
+            "act_mode": self.act_mode,
+            "layers": {k: asdict(v) for k, v in sorted(self.layers.items())},
+            "modules_to_not_convert": list(self.modules_to_not_convert),
+            "method": self.method,
+            "calibration": dict(self.calibration),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "W4A8Config":
+        if not isinstance(d, dict):
+            raise ConfigError(f"quantization_config must be a dict, got {type(d).__name__}")
+        if d.get("quant_method") != QUANT_METHOD:
+            raise ConfigError(f"quant_method is {d.get('quant_method')!r}, expected {QUANT_METHOD!r}")
+        version = int(d.get("version", CONFIG_VERSION))
+        if version > CONFIG_VERSION:
+            raise ConfigError(f"quantization_config version {version} is newer than this w4a8-dint ({CONFIG_VERSION}); upgrade")
+        fmt = d.get("format")
+        if not isinstance(fmt, dict) or "name" not in fmt:
+            raise ConfigError("quantization_config.format must be {'name': ..., 'values': [16 values]}")
+        try:
+            table = format_from_config(fmt)
+        except FormatError as e:
+            raise ConfigError(str(e)) from e
+        try:
+            return cls(
+                format=table.name,
+                group_size=int(d.get("group_size", PER_CHANNEL)),
+                act_mode=d.get("act_mode", "per-token"),
+                layers={k: LayerPolicy(**v) for k, v in (d.get("layers") or {}).items()},
+                modules_to_not_convert=list(d.get("modules_to_not_convert") or []),
+                method=d.get("method", "rtn"),
+                calibration=dict(d.get("calibration") or {}),
+                version=version,
+            )
+        except TypeError as e:
+            raise ConfigError(f"malformed quantization_config: {e}") from e
