@@ -12,6 +12,7 @@ once at load (e.g. expand codes to int8); ``kernel.apply(state, x, ...)`` per ca
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from w4a8_dint.formats import CodeTable, QuantizedWeight, expand_to_int8
-from w4a8_dint.reference import int_matmul_grouped, quantize_activation, w4a8_epilogue, w4a8_linear_reference
+from w4a8_dint.kernels import ops as _ops  # noqa: F401  (registers torch.ops.w4a8_dint.*)
+from w4a8_dint.reference import w4a8_linear_reference
 
 logger = logging.getLogger(__name__)
 
@@ -91,26 +93,58 @@ class CpuInt8Kernel(W4A8LinearKernel):
         return True, None
 
     def prepare(self, qweight, weight_scale):
+        # Stored K-major ([K, N] storage viewed as [N, K]): every group slice w8[:, k0:k1].t() is then a
+        # contiguous [G, N] block, which is what torch._int_mm wants, so no call copies the weight.
         return {
-            "w8": expand_to_int8(qweight, self.spec.table).contiguous(),
+            "w8": expand_to_int8(qweight, self.spec.table).t().contiguous().t(),
             "half_scales": (weight_scale.float() * 0.5).contiguous(),
+            "lut": self.spec.table.expansion_lut(qweight.device),
         }
 
     def apply(self, state, x, input_scale=None, smooth_scale=None, bias=None):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        if smooth_scale is not None:
-            x2 = x2 / smooth_scale.float()
-        q_x, s_x = quantize_activation(x2, self.spec.act_mode, input_scale)
-        acc = int_matmul_grouped(q_x, state["w8"], self.spec.group_size)
-        y = w4a8_epilogue(acc, state["half_scales"], s_x)
-        if bias is not None:
-            y = y + bias.float()
-        return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
+        # Through the custom op (kernels/ops.py) so a torch.compile graph sees one opaque node.
+        return torch.ops.w4a8_dint.w4a8_linear(
+            x, state["w8"], state["half_scales"], state["lut"], self.spec.group_size, self.spec.act_mode,
+            input_scale, smooth_scale, bias,
+        )
 
 
-# Preference order; a GPU kernel registers itself in front (see kernels/triton_w4a8.py).
-KERNELS: list[type[W4A8LinearKernel]] = [CpuInt8Kernel, ReferenceKernel]
+class TritonW4A8Kernel(W4A8LinearKernel):
+    """CUDA: Triton kernels on the packed 4-bit weight (kernels/triton_w4a8.py), via the custom op.
+
+    Codes stay packed (4-bit bandwidth) and are decoded to int8 inside the GEMM through the
+    format's 16-entry table; int8 x int8 -> int32 tensor-core dots; bit-identical to the reference.
+    """
+
+    name = "triton-w4a8"
+
+    @classmethod
+    def can_implement(cls, spec, device):
+        if torch.device(device).type != "cuda":
+            return False, f"needs a CUDA device (got {device})"
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed"
+        from w4a8_dint.kernels.triton_w4a8 import unsupported_reason
+
+        why = unsupported_reason(spec.in_features, spec.group_size)
+        return (why is None), why
+
+    def prepare(self, qweight, weight_scale):
+        return {
+            "qweight": qweight.contiguous(),
+            "half_scales": (weight_scale.float() * 0.5).contiguous(),
+            "lut": self.spec.table.expansion_lut(qweight.device),
+        }
+
+    def apply(self, state, x, input_scale=None, smooth_scale=None, bias=None):
+        return torch.ops.w4a8_dint.w4a8_linear(
+            x, state["qweight"], state["half_scales"], state["lut"], self.spec.group_size, self.spec.act_mode,
+            input_scale, smooth_scale, bias,
+        )
+
+
+# Preference order: the GPU kernel first (it says why it cannot run elsewhere), then CPU, then the reference.
+KERNELS: list[type[W4A8LinearKernel]] = [TritonW4A8Kernel, CpuInt8Kernel, ReferenceKernel]
 
 
 def choose_kernel(
