@@ -1,0 +1,83 @@
+"""The accuracy study's ``--quick`` mode on the embedded SmolLM2: real calibration, real PTB text.
+
+One module-scoped run (fp32, RTN int4, AQAS int4; first decoder layer quantized; 1k PTB tokens)
+feeds every assertion, so the file costs one quick study (~2-3 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+accuracy = _load_accuracy()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("accuracy_quick")
+    assert accuracy.main(["--quick", "--results-dir", str(out), "--no-progress"]) == 0
+    return out, json.loads((out / "accuracy_quick.json").read_text())
+
+
+def _by_label(summary):
+    return {r["label"]: r for r in summary["runs"]["quick"]}
+
+
+@pytest.mark.slow
+def test_quick_study_w4a8_degrades_and_aqas_beats_rtn(quick_run):
+    _, summary = quick_run
+    runs = _by_label(summary)
+    fp, rtn, aqas = runs["fp32"]["ppl"]["ptb"], runs["rtn int4 pc"]["ppl"]["ptb"], runs["aqas int4 pc"]["ppl"]["ptb"]
+    assert all(math.isfinite(v) for v in (fp, rtn, aqas))
+    assert 40 < fp < 120, fp  # SmolLM2-135M PTB ppl is ~68 at seq 512
+    # Quantizing one layer to W4A8 costs perplexity; AQAS's searched scales + clips cost less than RTN.
+    assert fp < aqas < rtn, (fp, aqas, rtn)
+    # The search minimizes the layer's output error, so its relative error is below RTN's.
+    layer = "model.layers.0"
+    assert runs["aqas int4 pc"]["layer_rel_error"][layer] < runs["rtn int4 pc"]["layer_rel_error"][layer]
+
+
+@pytest.mark.slow
+def test_quick_study_resumes_from_cache(quick_run):
+    out, _ = quick_run
+    cached = sorted((out / "accuracy_runs").glob("*.json"))
+    assert len(cached) == 3
+    mtimes = [p.stat().st_mtime_ns for p in cached]
+    assert accuracy.main(["--quick", "--results-dir", str(out), "--no-progress", "--report-only"]) == 0
+    assert [p.stat().st_mtime_ns for p in cached] == mtimes  # nothing recomputed
+    assert not list((out / "accuracy_runs").glob("*.tmp"))
+
+
+def test_run_keys_separate_settings():
+    S, R = accuracy.StudySettings, accuracy.RunSpec
+    base = accuracy.run_path(R("aqas", "int4"), S(), Path("/r"))
+    assert base == accuracy.run_path(R("aqas", "int4"), S(), Path("/r"))
+    others = {accuracy.run_path(R("aqas", "fp4"), S(), Path("/r")), accuracy.run_path(R("awq", "int4"), S(), Path("/r")),
+              accuracy.run_path(R("aqas", "int4"), S(max_layers=3), Path("/r")),
+              accuracy.run_path(R("aqas", "int4", group_size=64), S(), Path("/r"))}
+    assert base not in others and len(others) == 4
+    # the float baseline does not depend on calibration settings
+    assert accuracy.run_path(R(None), S(), Path("/r")) == accuracy.run_path(R(None), S(samples=99), Path("/r"))
+
+
+def test_verdict_wording():
+    assert accuracy._verdict("c", 3, 3, [])["verdict"].startswith("holds")
+    assert accuracy._verdict("c", 0, 3, [])["verdict"].startswith("does not hold")
+    assert accuracy._verdict("c", 1, 3, [])["verdict"].startswith("mixed")
+    assert accuracy._verdict("c", 0, 0, [])["verdict"].startswith("not tested")
