@@ -1,0 +1,300 @@
+"""Calibrate one decoder layer: capture, choose scales / clips / activation policy, fold, quantize.
+
+Order inside a layer (every smoothing group is searched on the layer's float inputs, as AWQ does):
+
+1. one float pass over all calibration batches: per input channel ``max|X|`` and ``mean|X|`` of
+   every group's input, plus the first batch's inputs, block calls and float block outputs (the
+   search data: about ``search_tokens`` tokens);
+2. per group, the method picks ``s`` (and FPTQ the activation mode), then AWQ/AQAS pick a clip
+   ratio per output channel on the same tokens;
+3. all folds are applied (norm weights, source-linear rows), then every linear is quantized.
+   Folding into a source linear rescales whole output rows of it, which leaves its quantization
+   unchanged, so the order of groups does not matter;
+4. with ``propagate="quantized"`` the layer is run again with fake-quantized weights and INT8
+   fake-quantized inputs to produce the next layer's inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from w4a8_dint.config import INPUT_SCALE, QWEIGHT, SMOOTH_SCALE, WEIGHT_SCALE, LayerPolicy
+from w4a8_dint.formats import CodeTable
+
+from .arch import FOLD_EXPLICIT, LayerStructure, SmoothingGroup, call_with_input, constrain, first_tensor, fold_into_source, scale_linear_inputs
+from .recipe import CalibrationConfig
+from .search import (
+    ScaleStats, fake_quantize_activation_fast, fake_quantize_weight, lae_scale, normalize, quantize_rows, search_row_clip, search_scale,
+    smoothquant_scale, static_input_scale, weight_channel_stats,
+)
+from .stream import CalibrationError, LayerCall
+
+
+@dataclass
+class GroupCapture:
+    """Statistics over all calibration tokens + the search batch of one smoothing group."""
+
+    name: str = ""  # "<layer>.<first linear>", for error messages
+    absmax: torch.Tensor | None = None  # [K]
+    abssum: torch.Tensor | None = None  # [K] (float64)
+    count: int = 0
+    x: torch.Tensor | None = None  # the search batch's input [..., K]
+    block_call: tuple[tuple, dict] | None = None  # (args, kwargs) of the block on the search batch
+    target: torch.Tensor | None = None  # float output the loss compares against
+
+    def update(self, x: torch.Tensor) -> None:
+        a = x.detach().reshape(-1, x.shape[-1]).float().abs()
+        if not torch.isfinite(a).all():
+            raise CalibrationError(f"non-finite activations (NaN/Inf) at the input of {self.name}: the float model itself overflows")
+        m, s = a.amax(dim=0), a.sum(dim=0, dtype=torch.float64)
+        self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+        self.abssum = s if self.abssum is None else self.abssum + s
+        self.count += a.shape[0]
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        return (self.abssum / max(self.count, 1)).float()
+
+
+@dataclass
+class GroupPlan:
+    """What calibration decided for one group."""
+
+    scale: torch.Tensor | None  # None: no smoothing
+    act_mode: str
+    row_clip: dict[str, torch.Tensor] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerResult:
+    tensors: dict[str, torch.Tensor]  # checkpoint tensors of this layer (full names)
+    policies: dict[str, LayerPolicy]  # full linear name -> policy
+    record: dict[str, Any]  # JSON-safe summary for quantization_config.calibration
+    next_hidden: list[torch.Tensor]
+    next_probe: torch.Tensor
+
+
+@contextlib.contextmanager
+def swapped_weights(layer: nn.Module, weights: dict[str, torch.Tensor]):
+    mods = {n: layer.get_submodule(n) for n in weights}
+    saved = {n: m.weight.data for n, m in mods.items()}
+    try:
+        for n, m in mods.items():
+            m.weight.data = weights[n]
+        yield
+    finally:
+        for n, m in mods.items():
+            m.weight.data = saved[n]
+
+
+def _round(x: float, nd: int = 4) -> float:
+    return float(f"{x:.{nd}g}")
+
+
+class LayerCalibrator:
+    def __init__(self, cfg: CalibrationConfig, table: CodeTable, group_size: int, skip: Callable[[str], bool]):
+        self.cfg, self.table, self.group_size, self.skip = cfg, table, group_size, skip
+
+    # -- 1. capture ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def capture(self, layer: nn.Module, layer_name: str, structure: LayerStructure, hidden: list[torch.Tensor],
+                calls: list[LayerCall], keep_outputs: bool) -> tuple[dict[str, GroupCapture], list[torch.Tensor], torch.Tensor]:
+        caps = {g.name: GroupCapture(name=f"{layer_name}.{g.linears[0]}") for g in structure.groups}
+        state = {"search": True}
+        handles = []
+        for g in structure.groups:
+            cap = caps[g.name]
+
+            def pre(mod, args, cap=cap):
+                cap.update(args[0])
+                if state["search"]:
+                    cap.x = args[0].detach()
+
+            handles.append(layer.get_submodule(g.linears[0]).register_forward_pre_hook(pre))
+            if g.block is not None:
+                def post(mod, args, kwargs, output, cap=cap):
+                    if state["search"]:
+                        cap.block_call = (args, kwargs)
+                        cap.target = first_tensor(output).detach()
+
+                handles.append(layer.get_submodule(g.block).register_forward_hook(post, with_kwargs=True))
+        outputs = []
+        first_output = None
+        try:
+            for i, (h, call) in enumerate(zip(hidden, calls)):
+                state["search"] = i == 0
+                out = call(layer, h)
+                if i == 0:
+                    first_output = out
+                if keep_outputs:
+                    outputs.append(out)
+        finally:
+            for hd in handles:
+                hd.remove()
+        for g in structure.groups:
+            cap = caps[g.name]
+            if g.block is None:  # the linears' own float outputs
+                cap.target = torch.cat([self._linear_out(layer.get_submodule(n), cap.x) for n in g.linears], dim=-1)
+        return caps, outputs, first_output
+
+    @staticmethod
+    def _linear_out(lin: nn.Linear, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, lin.weight if weight is None else weight, lin.bias)
+
+    # -- 2. decide --------------------------------------------------------------------------------
+    def _loss_fn(self, layer: nn.Module, g: SmoothingGroup, cap: GroupCapture, act_mode: str, quantize_act: bool):
+        weights = {n: layer.get_submodule(n).weight.detach().float() for n in g.linears}
+
+        def loss(s: torch.Tensor) -> float:
+            xs = cap.x / s
+            if quantize_act:
+                scale = static_input_scale(cap.absmax, s).to(xs.device) if act_mode == "per-tensor" else None
+                xs = fake_quantize_activation_fast(xs, act_mode, scale)
+            wq = {n: fake_quantize_weight(w * s[None, :], self.table, self.group_size) for n, w in weights.items()}
+            if g.block is not None:
+                args, kwargs = cap.block_call
+                with swapped_weights(layer, wq):
+                    out = first_tensor(call_with_input(layer.get_submodule(g.block), g.block_input, xs, args, kwargs))
+            else:
+                out = torch.cat([self._linear_out(layer.get_submodule(n), xs, wq[n]) for n in g.linears], dim=-1)
+            return float((out.float() - cap.target.float()).pow(2).sum())
+
+        return loss
+
+    def plan(self, layer: nn.Module, g: SmoothingGroup, cap: GroupCapture) -> GroupPlan:
+        cfg = self.cfg
+        method = cfg.method
+        weights = [layer.get_submodule(n).weight.detach().float() for n in g.linears]
+        w_absmean, w_absmax = weight_channel_stats(weights, self.group_size)
+        stats = ScaleStats(cap.absmean, cap.absmax, w_absmean, w_absmax)
+        v = float(cap.absmax.max())
+        record: dict[str, Any] = {"linears": list(g.linears), "fold": g.fold, "source": g.source, "max_abs_x": _round(v)}
+        can_smooth = not any(self.skip(n) for n in g.linears)
+        cons = lambda s: constrain(s, g.channel_map)  # noqa: E731
+        act_mode = cfg.act_mode
+        scale = None
+        if method == "smoothquant" and can_smooth:
+            scale = normalize(cons(smoothquant_scale(cap.absmax, w_absmax, cfg.smoothquant_alpha)))
+        elif method == "fptq":
+            lo, hi = cfg.fptq_bounds
+            if v < lo:
+                act_mode, rule = "per-tensor", "static"
+            elif v < hi and can_smooth:
+                act_mode, rule = "per-tensor", "lae+static"
+                scale = cons(lae_scale(cap.absmax))
+            else:
+                act_mode, rule = "per-token", "dynamic"
+            record["fptq"] = rule
+        elif method in ("awq", "aqas"):
+            quant_act = cfg.loss_quantizes_activations
+            loss = self._loss_fn(layer, g, cap, act_mode, quant_act)
+            families = cfg.families if can_smooth else ()
+            choice = search_scale(families, cfg.alpha_grid, stats, loss, cons, full_grid=cfg.alpha_search == "full")
+            scale = None if choice.family == "none" else choice.scale
+            record.update(family=choice.family, alpha=choice.alpha,
+                          loss_vs_unsmoothed=_round(choice.loss / max(choice.identity_loss, 1e-30)))
+        plan = GroupPlan(scale, act_mode, record=record)
+        if cfg.searches_scales:
+            self._search_clips(layer, g, cap, plan)
+        record["act_mode"] = act_mode
+        return plan
+
+    def _search_clips(self, layer: nn.Module, g: SmoothingGroup, cap: GroupCapture, plan: GroupPlan) -> None:
+        x = cap.x.reshape(-1, cap.x.shape[-1]).float()
+        s = plan.scale
+        xs = x if s is None else x / s
+        if self.cfg.loss_quantizes_activations:
+            inp = static_input_scale(cap.absmax, s).to(x.device) if plan.act_mode == "per-tensor" else None
+            xs = fake_quantize_activation_fast(xs, plan.act_mode, inp)
+        clips = {}
+        for n in g.linears:
+            if self.skip(n):
+                continue
+            w = layer.get_submodule(n).weight.detach().float()
+            y_ref = x @ w.t()
+            ws = w if s is None else w * s[None, :]
+            ratios, before, after = search_row_clip(xs, ws, y_ref, self.table, self.group_size, self.cfg.clip_grid)
+            plan.row_clip[n] = ratios
+            clips[n] = {"mean": _round(float(ratios.mean())), "loss_vs_no_clip": _round(after / max(before, 1e-30))}
+        plan.record["clip"] = clips
+
+    # -- 3. apply + 4. propagate --------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, layer: nn.Module, layer_name: str, structure: LayerStructure, hidden: list[torch.Tensor],
+                  calls: list[LayerCall], probe: torch.Tensor, probe_call: LayerCall) -> LayerResult:
+        next_probe_fp = probe_call(layer, probe)
+        keep_fp = self.cfg.propagate == "float"
+        caps, fp_outputs, fp_first = self.capture(layer, layer_name, structure, hidden, calls, keep_fp)
+        plans = {g.name: self.plan(layer, g, caps[g.name]) for g in structure.groups}
+
+        for g in structure.groups:
+            p = plans[g.name]
+            if p.scale is not None:
+                fold_into_source(layer, g, p.scale)
+                scale_linear_inputs(layer, g, p.scale)
+
+        tensors: dict[str, torch.Tensor] = {}
+        policies: dict[str, LayerPolicy] = {}
+        hooks = []
+        quantized_weights: set[str] = set()
+        for g in structure.groups:
+            p = plans[g.name]
+            explicit = p.scale is not None and g.fold == FOLD_EXPLICIT
+            input_scale = static_input_scale(caps[g.name].absmax, p.scale) if p.act_mode == "per-tensor" else None
+            for n in g.linears:
+                if self.skip(n):
+                    continue
+                lin = layer.get_submodule(n)
+                qw = quantize_rows(lin.weight.detach(), self.table, self.group_size, p.row_clip.get(n))
+                full = f"{layer_name}.{n}"
+                tensors[f"{full}.{QWEIGHT}"] = qw.packed.cpu()
+                tensors[f"{full}.{WEIGHT_SCALE}"] = qw.scales.cpu()
+                if input_scale is not None:
+                    tensors[f"{full}.{INPUT_SCALE}"] = input_scale.clone()
+                if explicit:
+                    tensors[f"{full}.{SMOOTH_SCALE}"] = p.scale.float().cpu().clone()
+                policies[full] = LayerPolicy(act_mode=p.act_mode, smooth=explicit)
+                quantized_weights.add(f"{n}.weight")
+                lin.weight.data = qw.dequantize(torch.float32).to(lin.weight.device)
+                hooks.append(lin.register_forward_pre_hook(
+                    _act_quant_hook(p.act_mode, input_scale, p.scale if explicit else None)))
+        for n, prm in layer.named_parameters():
+            if n not in quantized_weights:
+                tensors[f"{layer_name}.{n}"] = prm.detach().cpu().clone()
+
+        try:
+            if self.cfg.propagate == "quantized":
+                next_hidden = [call(layer, h) for h, call in zip(hidden, calls)]
+                q_first = next_hidden[0]
+            else:
+                next_hidden = fp_outputs
+                q_first = calls[0](layer, hidden[0])
+            next_probe = probe_call(layer, probe) if self.cfg.propagate == "quantized" else next_probe_fp
+        finally:
+            for hd in hooks:
+                hd.remove()
+        for h in next_hidden:
+            if not torch.isfinite(h).all():
+                raise CalibrationError(f"{layer_name}: non-finite outputs after quantization")
+        delta_fp = (fp_first - hidden[0]).float()
+        rel = float((q_first.float() - fp_first.float()).pow(2).sum() / delta_fp.pow(2).sum().clamp(min=1e-30))
+        record = {"layer_rel_error": _round(rel), "groups": [plans[g.name].record for g in structure.groups]}
+        return LayerResult(tensors, policies, record, next_hidden, next_probe)
+
+
+def _act_quant_hook(act_mode: str, input_scale: torch.Tensor | None, smooth: torch.Tensor | None):
+    def hook(mod, args):
+        x = args[0]
+        if smooth is not None:
+            x = x / smooth.to(x.device, x.dtype)
+        scale = None if input_scale is None else input_scale.to(x.device)
+        return (fake_quantize_activation_fast(x, act_mode, scale), *args[1:])
+
+    return hook
