@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 VENV=${W4A8_VENV:-.venv}
 PY=${PYTHON:-python3}
 STAMP="$VENV/.w4a8-setup-stamp"
-want=$(cat scripts/setup.sh requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)-${W4A8_GPU:-0}
+# hf_integration: setup.py is hashed too -- its build hook installs w4a8_dint_hf.pth (the transformers
+# auto-registration hook), so a change to it must re-run `pip install -e .` below.
+want=$(cat scripts/setup.sh requirements/*.txt pyproject.toml setup.py | sha256sum | cut -d' ' -f1)-${W4A8_GPU:-0}
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import w4a8_dint" 2>/dev/null; then
   exit 0
 fi
