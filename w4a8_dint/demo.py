@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     _step("validate the checkpoint", [w4a8, "validate", str(ckpt)])
     _step("evaluate FP vs W4A8 (HF backend)",
           [w4a8, "eval", str(ckpt), "--baseline", "default", "--tasks", args.tasks, "--limit", str(args.limit),
-           "--max-tokens", str(args.max_tokens), "--json-out", str(out / "eval.json")])
+           "--max-tokens", str(args.max_tokens), "--output", str(out / "eval.json"), "--write-results"])
     if not args.skip_serve:
         serve_one_completion(ckpt, args.port, out / "vllm_serve.log")
     _step("hardware report", [w4a8, "hw-report", "--model", str(ckpt), "--plot", str(out / "hw_report.png"),
