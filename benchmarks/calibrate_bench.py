@@ -29,7 +29,12 @@ RESULTS = Path(__file__).resolve().parent / "results" / "calibrate_bench.json"
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak RSS of this process (``VmHWM``). Not ``ru_maxrss``: Linux carries the parent's high-water
+    mark into a forked-and-exec'd child, so a worker spawned by a big parent would report the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -88,6 +88,7 @@ def _slac_report(args, cfg, model_dir) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from w4a8_dint.embedded import DataUnavailable
     from w4a8_dint.formats import FormatError
 
     from .api import calibrate, resolve_model_dir
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             _slac_report(args, cfg, resolve_model_dir(args.model))
         out = calibrate(args.model, args.out, cfg)
     except (RecipeError, FormatError, UnsupportedArchitecture, CalibrationError, CalibrationDataError, UnknownTask,
-            FileExistsError) as e:
+            DataUnavailable, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from w4a8_dint.checkpoint import read_qconfig

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -102,12 +102,11 @@ class ScaleChoice:
     evaluations: int
 
 
-def coarse_to_fine(grid: Sequence[float]) -> tuple[list[int], Callable[[int], list[int]]]:
-    """Every other grid point first, then the two neighbours of the best (grids of <= 6 points: all)."""
-    idx = list(range(len(grid)))
-    if len(grid) <= 6:
-        return idx, lambda best: []
-    return idx[::2] if idx[-1] % 2 == 0 else idx[::2] + [idx[-1]], lambda best: [i for i in (best - 1, best + 1) if 0 <= i < len(grid)]
+def coarse_points(n: int) -> list[int]:
+    """Grid indices evaluated first: every other point, always including both ends (all when n <= 6)."""
+    if n <= 6:
+        return list(range(n))
+    return sorted(set(range(0, n, 2)) | {n - 1})
 
 
 def search_scale(
@@ -115,32 +114,33 @@ def search_scale(
     loss: Callable[[torch.Tensor], float], constrain: Callable[[torch.Tensor], torch.Tensor] = lambda s: s,
     full_grid: bool = False,
 ) -> ScaleChoice:
-    """Pick ``s`` minimizing ``loss(s)`` over ``s = 1`` and every family on the alpha grid."""
+    """Pick ``s`` minimizing ``loss(s)`` over ``s = 1`` and, per family, the alpha grid.
+
+    Coarse-to-fine (default): the coarse points, then the two grid neighbours of the best of them.
+    """
     grid = sorted(set(float(a) for a in grid))
     ones = torch.ones_like(stats.x_absmax, dtype=torch.float32)
     identity_loss = loss(ones)
-    best = ("none", 0.0, ones, identity_loss)
+    best = ScaleChoice("none", 0.0, ones, identity_loss, identity_loss, 1)
     evaluations = 1
     for family in families:
-        seen: dict[int, float] = {}
+        losses: dict[int, float] = {}
 
-        def evaluate(i: int) -> None:
+        def evaluate(indices) -> None:
             nonlocal best, evaluations
-            if i in seen:
-                return
-            s = normalize(constrain(family_scale(family, grid[i], stats)))
-            seen[i] = loss(s)
-            evaluations += 1
-            if seen[i] < best[3]:
-                best = (family, grid[i], s, seen[i])
+            for i in indices:
+                if i in losses or not 0 <= i < len(grid):
+                    continue
+                s = normalize(constrain(family_scale(family, grid[i], stats)))
+                losses[i] = loss(s)
+                evaluations += 1
+                if losses[i] < best.loss:
+                    best = ScaleChoice(family, grid[i], s, losses[i], identity_loss, 0)
 
-        first, refine = (list(range(len(grid))), lambda b: []) if full_grid else coarse_to_fine(grid)
-        for i in first:
-            evaluate(i)
-        for i in refine(min(seen, key=seen.get)):
-            evaluate(i)
-    fam, alpha, s, value = best
-    return ScaleChoice(fam, alpha, s, value, identity_loss, evaluations)
+        evaluate(range(len(grid)) if full_grid else coarse_points(len(grid)))
+        i_best = min(losses, key=losses.get)
+        evaluate((i_best - 1, i_best + 1))
+    return replace(best, evaluations=evaluations)
 
 
 # -- weights --------------------------------------------------------------------------------------

@@ -126,7 +126,10 @@ def build_skeleton(model_dir: str | Path, trust_remote_code: bool = False) -> Mo
     model.eval()
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers_name, layers = _find_layers(model, int(getattr(text_cfg, "num_hidden_layers", 0) or 0))
-    source_names = shard_files(model_dir)
+    try:
+        source_names = shard_files(model_dir)  # missing/corrupt shards and pickle-only models fail here, by name
+    except CheckpointError as e:
+        raise CalibrationError(str(e)) from e
     prefix = getattr(model, "base_model_prefix", "") or ""
     mapping: dict[str, str] = {}
     for name, _ in model.named_parameters(remove_duplicate=False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,12 +209,24 @@ def test_clear_errors(tmp_path, tiny_models, monkeypatch):
         calibrate(ckpt, tmp_path / "qq", CalibrationConfig(progress=False))
     with pytest.raises(FileExistsError, match="not empty"):
         calibrate(tiny_models("llama"), ckpt, CalibrationConfig(progress=False))
+    pickles = tmp_path / "pickles"
+    pickles.mkdir()
+    shutil.copy2(tiny_models("llama") / "config.json", pickles / "config.json")
+    (pickles / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(CalibrationError, match="only pickle weights"):
+        calibrate(pickles, tmp_path / "p", CalibrationConfig(progress=False))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_models("llama"), truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CalibrationError, match="truncated or corrupt"):
+        calibrate(truncated, tmp_path / "t", CalibrationConfig(method="rtn", samples=2, seq_len=32, progress=False))
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CalibrationError, match="neither a local directory nor a reachable Hub model"):
         calibrate("no-such-org/no-such-model", tmp_path / "hub", CalibrationConfig(progress=False))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pickles", "q", "truncated"]
 
 
 @pytest.mark.slow
