@@ -347,7 +347,12 @@ class W4A8DintConfig(QuantizationConfig):
         if not Path(model_name).is_dir():
             logger.info("w4a8-dint: %s is not a local directory; its tensors are checked as they load", model_name)
             return
-        summary = validate_for_serving(model_name, self.qconfig)
+        try:
+            summary = validate_for_serving(model_name, self.qconfig)
+        except CheckpointError as e:
+            # vLLM reports this inside a pydantic ValidationError; say whose check it is.
+            raise CheckpointError(f"w4a8-dint refuses {model_name}: the checkpoint does not match its "
+                                  f"quantization_config: {e}") from e
         logger.info("w4a8-dint: checkpoint matches its config (%s)", summary)
 
     def hf_parts(self, prefix: str) -> list[str]:

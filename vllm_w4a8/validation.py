@@ -28,6 +28,9 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
 }
 _VALUE_CHECKED_SUFFIXES = (WEIGHT_SCALE, INPUT_SCALE, SMOOTH_SCALE)
+# vLLM builds these as VocabParallelEmbedding / ParallelLMHead, not LinearBase, so the method is
+# never asked to load them: a quantized copy would only fail later, in a worker, as a missing weight.
+_FLOAT_ONLY_MODULES = ("lm_head", "embed_tokens", "embed_out", "wte", "word_embeddings")
 
 
 def _read_layer_tensors(model_dir: Path, wmap: dict[str, str], prefixes: list[str]) -> dict[str, torch.Tensor]:
@@ -67,6 +70,12 @@ def validate_for_serving(model_dir: str | os.PathLike, qconfig: W4A8Config) -> d
     prefixes = quantized_prefixes(wmap)
     if not prefixes:
         raise CheckpointError(f"{model_dir}: quantization_config says w4a8-dint but there are no *.{QWEIGHT} tensors")
+    heads = [p for p in prefixes if p.rsplit(".", 1)[-1] in _FLOAT_ONLY_MODULES]
+    if heads:
+        raise CheckpointError(
+            f"{model_dir}: {heads[:3]} are quantized, but w4a8-dint serves quantized linear layers only; "
+            f"embeddings and lm_head must stay float (recalibrate with them in modules_to_not_convert)"
+        )
     skipped = [p for p in prefixes if qconfig.is_skipped(p)]
     if skipped:
         raise CheckpointError(

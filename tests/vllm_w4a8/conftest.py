@@ -35,6 +35,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,8 +367,10 @@ def run_offline_llm(ckpt: Path, workdir: Path, scored_ids: list[int] | None = No
     out_json = workdir / f"llm_{re.sub(r'[^A-Za-z0-9_.-]', '', tag)}.json"
     spec = {"model": str(ckpt), "prompts": PROMPTS, "chat": CHAT, "max_new_tokens": MAX_NEW_TOKENS,
             "scored_ids": scored_ids, "llm_kwargs": llm_kwargs, "out": str(out_json)}
+    t0 = time.monotonic()
     proc = subprocess.run([sys.executable, str(HERE / "llm_worker.py"), json.dumps(spec)], cwd=workdir,
                           env=env or engine_env(), capture_output=True, text=True, timeout=timeout)
+    print(f"vLLM offline run {llm_kwargs}: {time.monotonic() - t0:.0f} s (load average {os.getloadavg()[0]:.1f})")
     log = proc.stdout + proc.stderr
     if proc.returncode != 0 or not out_json.is_file():
         raise AssertionError(f"vLLM offline run failed (rc={proc.returncode}):\n{log[-6000:]}")

@@ -213,6 +213,7 @@ def test_front_end_validation_accepts_the_real_checkpoint(channel_ckpt):
     ("quantized_but_skipped", r"quantized in the checkpoint but listed in modules_to_not_convert"),
     ("nan_scale", r"model.layers.4.self_attn.o_proj.weight_scale: non-finite or negative scales"),
     ("truncated", r"cannot read safetensors file \(truncated or corrupt\?\)"),
+    ("quantized_lm_head", r"\['lm_head'\] are quantized, but w4a8-dint serves quantized linear layers only"),
 ])
 def test_front_end_validation_refuses_mismatch(tmp_path, channel_ckpt, case, message):
     src = channel_ckpt.path
@@ -227,6 +228,11 @@ def test_front_end_validation_refuses_mismatch(tmp_path, channel_ckpt, case, mes
         _patched_copy(src, dst, {"layers": layers})
     elif case == "quantized_but_skipped":
         _patched_copy(src, dst, {"modules_to_not_convert": ["lm_head", "o_proj"]})
+    elif case == "quantized_lm_head":
+        def quantize_head(t):  # a real packed copy of a decoder linear, stored under lm_head
+            t["lm_head.qweight"] = t["model.layers.0.mlp.down_proj.qweight"].clone()
+            t["lm_head.weight_scale"] = t["model.layers.0.mlp.down_proj.weight_scale"].clone()
+        _patched_copy(src, dst, {"modules_to_not_convert": []}, edit_tensors=quantize_head)
     elif case == "nan_scale":
         def poison(t):
             t["model.layers.4.self_attn.o_proj.weight_scale"][3, 0] = float("nan")

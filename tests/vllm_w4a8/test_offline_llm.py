@@ -1,7 +1,14 @@
-"""Offline ``vllm.LLM(...)`` with a w4a8-dint checkpoint, quantization auto-detected from config.json.
+"""Offline ``vllm.LLM(...)``, and tensor parallel on CPU: TP=2 gives the same greedy tokens as TP=1.
 
-Group-64 checkpoint of the real SmolLM2 (the per-group oneDNN path), float32, compiled graph
-(vLLM's default): greedy text equals the reference model's, and the engine says which kernel runs.
+Checkpoint: group-64 dint4-a of the embedded SmolLM2 with zero heads padded from 9 / 3 to 12 / 4
+(query / KV) so that TP=2 can split it -- the same function as the real model (see
+conftest.padded_float_model; its reference outputs equal the unpadded checkpoint's). Static scales
+on the fused qkv input and on row-parallel down_proj, smoothing vectors on fused and row-parallel
+inputs: what TP has to shard -- packed qweight along K for row layers, group scales on both dims,
+smoothing vectors along K, per-token scales over the full row (all-gathered absmax).
+
+Quantization is auto-detected from config.json (no ``quantization=`` argument); float32, vLLM's
+default compiled graph. The TP=1 engine run is shared by both tests.
 """
 
 from __future__ import annotations
@@ -11,12 +18,36 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
+TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
-def test_llm_autodetects_and_matches_reference(group_ckpt, tmp_path, helpers):
-    ref = helpers.reference_outputs(group_ckpt.path, group_ckpt.float_dir)
-    got = helpers.run_offline_llm(group_ckpt.path, tmp_path, scored_ids=ref["scored_ids"], dtype="float32")
-    summary = helpers.check_run_against_reference(got, ref, "vllm.LLM")
-    print("vllm.LLM vs reference:", summary, "noise floor:", ref["noise_floor"])
-    log = got["log"]
+
+@pytest.fixture(scope="module")
+def reference(tp_ckpt, helpers):
+    return helpers.reference_outputs(tp_ckpt.path, tp_ckpt.float_dir)
+
+
+@pytest.fixture(scope="module")
+def tp1_run(tp_ckpt, reference, helpers, tmp_path_factory):
+    return helpers.run_offline_llm(tp_ckpt.path, tmp_path_factory.mktemp("tp1"), scored_ids=reference["scored_ids"],
+                                   dtype="float32")
+
+
+def test_llm_autodetects_and_matches_reference(tp1_run, reference, helpers):
+    summary = helpers.check_run_against_reference(tp1_run, reference, "vllm.LLM")
+    print("vllm.LLM vs reference:", summary, "noise floor:", reference["noise_floor"])
+    log = tp1_run["log"]
     assert "quantization=w4a8-dint" in log  # auto-detected: no quantization= argument was given
     assert "run the 'onednn-int8' kernel (INT8 activations, per-token, format dint4-a, group 64)" in log
+    assert "run the 'onednn-int8' kernel (INT8 activations, per-tensor, format dint4-a, group 64)" in log
+
+
+def test_tp2_matches_tp1_and_reference(tp_ckpt, tp1_run, reference, helpers, tmp_path):
+    tp2 = helpers.run_offline_llm(tp_ckpt.path, tmp_path, scored_ids=reference["scored_ids"],
+                                  env=helpers.engine_env(**TP2_ENV), dtype="float32", tensor_parallel_size=2)
+    summary = helpers.check_run_against_reference(tp2, reference, "TP=2")
+    print("TP=2 vs reference:", summary, "TP=2 vs TP=1:", helpers.compare_scores(tp2["scores"], tp1_run["scores"]))
+    # Both vLLM runs give the same greedy tokens wherever the reference is decisive.
+    for i, r in enumerate(reference["completions"]):
+        d = helpers.decisive_length(r["gaps"])
+        assert tp1_run["completions"][i]["token_ids"][:d] == tp2["completions"][i]["token_ids"][:d]
+    assert "tensor_parallel_size=2" in tp2["log"]
