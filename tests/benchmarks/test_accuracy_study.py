@@ -1,0 +1,233 @@
+"""Unit tests of the accuracy study's logic (no model): job scheduling, cache keys, verdicts, report text."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_accuracy():
+    if "accuracy_bench" in sys.modules:  # test_accuracy_quick.py loaded it already
+        return sys.modules["accuracy_bench"]
+    spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+accuracy = _load_accuracy()
+
+S, R = accuracy.StudySettings, accuracy.RunSpec
+
+
+def _rec(results: dict, **extra) -> dict:
+    return {"label": "x", "results": {k: ({"ppl": v} if not isinstance(v, dict) else v) for k, v in results.items()}, **extra}
+
+
+# -- job scheduling ---------------------------------------------------------------------------------
+
+def _job(log: Path, i: int, sleep: float, rc: int = 0) -> list[str]:
+    code = (f"import time, sys; open({str(log)!r}, 'a').write('start {i} %f\\n' % time.time()); time.sleep({sleep}); "
+            f"open({str(log)!r}, 'a').write('end {i} %f\\n' % time.time()); sys.exit({rc})")
+    return [sys.executable, "-c", code]
+
+
+def test_run_jobs_caps_concurrency_starts_in_order_and_keeps_failures(tmp_path, monkeypatch):
+    log = tmp_path / "log"
+    sleeps = [0.6, 0.1, 0.1, 0.4, 0.1]
+    cmds = [_job(log, i, s, rc=3 if i == 2 else 0) for i, s in enumerate(sleeps)]
+    launched, real_popen = [], subprocess.Popen
+
+    def popen(cmd, **kw):  # the real process, and the order it was launched in
+        launched.append(cmds.index(cmd))
+        return real_popen(cmd, **kw)
+
+    monkeypatch.setattr(accuracy.subprocess, "Popen", popen)
+    codes = accuracy.run_jobs(cmds, 2, poll_s=0.02)
+    assert codes == [0, 0, 3, 0, 0]  # in list order, a failure does not stop the rest
+    assert launched == [0, 1, 2, 3, 4]  # started in priority order
+    events = [(line.split()[0], int(line.split()[1]), float(line.split()[2])) for line in log.read_text().splitlines()]
+    assert len(events) == 10  # every job ran to its end
+    running, peak = 0, 0
+    for kind, _, _ in sorted(events, key=lambda e: (e[2], e[0] == "start")):  # an end before a start at a tie
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2
+
+
+def test_run_jobs_rejects_zero_jobs():
+    with pytest.raises(ValueError):
+        accuracy.run_jobs([], 0)
+
+
+def test_worker_env_pins_one_thread():
+    env = accuracy._worker_env()
+    assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "1"
+
+
+def test_worker_command_round_trips_spec_and_study(tmp_path):
+    spec = R("aqas", "dint4-a", scale_families=("max",), act_mode="per-tensor", calib_len=64, eval="slac")
+    study = S(slac_lengths=(64, 128), zs_limit=7)
+    cmd = accuracy.worker_command(spec, study, tmp_path, None)
+    job = json.loads(cmd[-1])
+    assert accuracy._spec_from_json(job["spec"]) == spec
+    assert accuracy._study_from_json(job["study"]) == study
+    # so a worker writes to exactly the cache file the parent reads
+    assert accuracy.run_path(accuracy._spec_from_json(job["spec"]), accuracy._study_from_json(job["study"]), tmp_path) \
+        == accuracy.run_path(spec, study, tmp_path)
+
+
+def test_lock_of_live_worker_is_in_progress_dead_one_is_not(tmp_path):
+    spec, study = R("rtn", "int4"), S()
+    assert not accuracy.in_progress(spec, study, tmp_path)
+    lock = accuracy._lock_path(spec, study, tmp_path)
+    lock.write_text(str(os.getpid()))
+    assert accuracy.in_progress(spec, study, tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout.strip())
+    assert not accuracy.in_progress(spec, study, tmp_path)
+
+
+# -- plan and keys ------------------------------------------------------------------------------------
+
+def test_full_model_by_default_and_quick_stays_one_layer():
+    assert S().max_layers is None and "all 30" in S().layers_text
+    assert accuracy.QUICK.max_layers == 1 and "first 1 of 30" in accuracy.QUICK.layers_text
+
+
+def test_plan_priority_order_and_sizes():
+    plan = accuracy.parts(False)
+    assert list(plan) == ["main", "g64", "slac", "dint", "zeroshot", "family", "noise", "static"]
+    assert plan["main"][0] == R("aqas", "dint4-a")  # timed first: it sizes the plan
+    assert len(plan["main"]) == 13 and len(set(plan["main"])) == 13
+    assert {(s.method, s.format) for s in plan["main"][1:]} >= {(m, f) for m in accuracy.MAIN_METHODS for f in accuracy.MAIN_FORMATS} - {("aqas", "dint4-a")}
+    assert len(plan["g64"]) == 10 and all(s.group_size == 64 or s.method == "fptq" for s in plan["g64"])
+    slac = [s for s in plan["slac"] if s.method]
+    assert [s.calib_len for s in slac][:2] == [64, 2048]  # the verdict's two runs first
+    assert all(s.act_mode == "per-tensor" and s.eval == "slac" for s in slac)
+
+
+def test_eval_variants_share_the_calibration_checkpoint_but_not_the_cache_entry(tmp_path):
+    study = S()
+    a, z = R("aqas", "dint4-a"), R("aqas", "dint4-a", eval="zeroshot")
+    assert accuracy.run_path(a, study, tmp_path) != accuracy.run_path(z, study, tmp_path)
+    assert accuracy.ckpt_path(a, study, tmp_path) == accuracy.ckpt_path(z, study, tmp_path)
+    assert accuracy.ckpt_path(a, study, tmp_path) != accuracy.ckpt_path(R("aqas", "dint4-a", seed=1), study, tmp_path)
+    shared = accuracy._shared_calibrations(accuracy.parts(False), study)
+    assert accuracy.ckpt_path(a, study, Path(".")).name in shared
+    assert accuracy.ckpt_path(R("aqas", "int4"), study, Path(".")).name not in shared
+
+
+def test_slac_calibration_keeps_the_token_count():
+    study = S(slac_tokens=4096)
+    for L in (64, 256, 1024, 2048):
+        c = accuracy.calib_settings(R("aqas", "dint4-a", calib_len=L), study)
+        assert c["seq_len"] == L and c["samples"] * L == 4096
+    assert accuracy.calib_settings(R("aqas", "dint4-a"), study)["samples"] == study.samples
+
+
+# -- verdicts ---------------------------------------------------------------------------------------
+
+def _slac_res(short_on_short: float, long_on_short: float) -> dict:
+    mk = lambda L, s, l: (R("aqas", "dint4-a", act_mode="per-tensor", calib_len=L, eval="slac"),  # noqa: E731
+                          _rec({"ptb@64": s, "c4@64": s / 3, "ptb@2048": l, "c4@2048": l / 3}))
+    return {"slac": [mk(64, short_on_short, 90.0), mk(2048, long_on_short, 80.0)]}
+
+
+def test_slac_verdict_from_synthetic_records():
+    study = S()
+    v = accuracy.slac_verdict(_slac_res(100.0, 120.0), study)
+    assert v["verdict"].startswith("holds") and "(2/2)" in v["verdict"]
+    assert any("long target" in d and "90.00" in d and "80.00" in d for d in v["detail"])
+    assert accuracy.slac_verdict(_slac_res(130.0, 120.0), study)["verdict"].startswith("does not hold")
+    assert accuracy.slac_verdict({"slac": []}, study)["verdict"].startswith("not tested")
+
+
+def test_dint_and_aqas_verdicts_count_per_method_format_and_dataset():
+    main = [(R(m, f), _rec({"ptb": 100.0 + (0 if f == "dint4-a" else 5) + (0 if m == "aqas" else 3),
+                            "c4": 30.0 + (1 if f == "dint4-a" and m == "rtn" else 0)}))
+            for m in accuracy.MAIN_METHODS for f in accuracy.MAIN_FORMATS]
+    v = {x["claim"].split(" beats")[0]: x["verdict"] for x in accuracy.verdicts({"main": main})}
+    # dINT wins PTB for all 4 methods; C4: ties (not a win) for 3 methods, loses for rtn -> 4/8
+    assert v["dINT4"] == "mixed: holds in 4/8"
+    # AQAS wins PTB in every format; C4 ties -> 3/6
+    assert v["AQAS"] == "mixed: holds in 3/6"
+
+
+def test_verdict_wording_and_geo_mean():
+    assert accuracy._verdict("c", 2, 2, [])["verdict"].startswith("holds")
+    assert math.isclose(accuracy._mean_ppl([_rec({"ptb": 100.0, "c4": 25.0})], ("ptb", "c4")), 50.0)
+    assert math.isnan(accuracy._mean_ppl([None], ("ptb",)))
+
+
+def test_defaults_from_data_ranks_formats_and_methods():
+    main = [(R(m, f), _rec({"ptb": {"int4": 120.0, "fp4": 110.0, "dint4-a": 100.0}[f] * (1.0 if m == "aqas" else 1.1),
+                            "c4": 30.0})) for m in accuracy.MAIN_METHODS for f in accuracy.MAIN_FORMATS]
+    dd = accuracy.defaults_from_data({"main": main})
+    assert [n for n, _ in dd["format_family"]] == ["dint4-a", "fp4", "int4"]
+    assert dd["method"][0][0] == "aqas"
+
+
+def test_markdown_states_full_model_and_lists_missing_runs():
+    study = S()
+    res = {part: [(s, None) for s in specs] for part, specs in accuracy.parts(False, study).items()}
+    res["main"][1] = (R(None), _rec({"ptb": 66.0, "c4": 25.0}, eval_s=10.0))
+    text = accuracy.markdown(res, study)
+    assert "all 30 decoder layers quantized" in text and "first 2 of 30" not in text
+    assert "FP32 baseline: PTB 66.00, C4 25.00" in text
+    assert "- main: aqas dint4-a pc" in text  # missing runs are listed under "Not run / cut"
+    assert "| fp32 [ppl] | 1 |" in text  # measured runtime table
+
+
+def test_run_jobs_counts_outside_workers_as_busy_slots(tmp_path, monkeypatch):
+    log = tmp_path / "log"
+    cmds = [_job(log, i, 0.2) for i in range(3)]
+    seen = []
+    # one orphaned worker of a previous study holds a slot: with jobs=2 only one new job runs at a time
+    accuracy.run_jobs(cmds, 2, poll_s=0.02, busy=lambda own: seen.append(set(own)) or 1)
+    events = sorted(((line.split()[0], float(line.split()[2])) for line in log.read_text().splitlines()),
+                    key=lambda e: (e[1], e[0] == "start"))
+    running = peak = 0
+    for kind, _ in events:
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak == 1 and len(events) == 6
+    assert any(seen)  # our own running pids are passed, so they are not counted twice
+
+
+def test_live_locks_ignores_own_and_dead_pids(tmp_path):
+    (tmp_path / "a.lock").write_text(str(os.getpid()))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "b.lock").write_text(dead.stdout.strip())
+    assert accuracy.live_locks(tmp_path) == 1
+    assert accuracy.live_locks(tmp_path, {os.getpid()}) == 0
+
+
+def test_prune_removes_only_entries_the_plan_does_not_read(tmp_path):
+    planned = accuracy.run_path(R("rtn", "int4"), S(), tmp_path)
+    stale = accuracy.run_path(R("rtn", "int4"), S(max_layers=2), tmp_path)  # the old 2-layer study
+    for p in (planned, stale):
+        p.write_text("{}")
+    assert accuracy.prune_stale(tmp_path) == [stale]
+    assert planned.is_file() and not stale.exists()
+
+
+def test_slac_verdict_averages_seeds_when_a_repeat_ran():
+    study = S()
+    res = _slac_res(100.0, 120.0)
+    # seed 1 of the short calibration is much worse: geo. mean sqrt(100 * 196) = 140 > 120 -> no longer a win
+    res["slac"].append((R("aqas", "dint4-a", act_mode="per-tensor", calib_len=64, seed=1, eval="slac"),
+                        _rec({"ptb@64": 196.0, "c4@64": 196.0 / 3, "ptb@2048": 90.0, "c4@2048": 30.0})))
+    v = accuracy.slac_verdict(res, study)
+    assert v["verdict"].startswith("does not hold") and "140.00 vs calib 2048 120.00" in v["detail"][0]
+    assert "2 / 1 seeds" in v["detail"][0]
