@@ -6,7 +6,6 @@ feeds every assertion, so the file costs one quick study (~2-3 min on 2 cores).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -14,18 +13,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_accuracy():
-    spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
-accuracy = _load_accuracy()
+accuracy = sys.modules["accuracy_bench"]  # loaded once by conftest.py
 
 
 @pytest.fixture(scope="module")

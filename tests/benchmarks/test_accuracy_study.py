@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,20 +11,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_accuracy():
-    if "accuracy_bench" in sys.modules:  # test_accuracy_quick.py loaded it already
-        return sys.modules["accuracy_bench"]
-    spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
-accuracy = _load_accuracy()
+accuracy = sys.modules["accuracy_bench"]  # loaded once by conftest.py
 
 S, R = accuracy.StudySettings, accuracy.RunSpec
 
