@@ -229,8 +229,8 @@ class LayerCalibrator:
     @torch.no_grad()
     def calibrate(self, layer: nn.Module, layer_name: str, structure: LayerStructure, hidden: list[torch.Tensor],
                   calls: list[LayerCall], probe: torch.Tensor, probe_call: LayerCall) -> LayerResult:
-        next_probe_fp = probe_call(layer, probe)
         keep_fp = self.cfg.propagate == "float"
+        next_probe_fp = probe_call(layer, probe) if keep_fp else None  # float output, before any change
         caps, fp_outputs, fp_first = self.capture(layer, layer_name, structure, hidden, calls, keep_fp)
         plans = {g.name: self.plan(layer, g, caps[g.name]) for g in structure.groups}
 

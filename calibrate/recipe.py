@@ -7,7 +7,7 @@ what ran is written into ``quantization_config.calibration``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from w4a8_dint.config import METHODS
@@ -129,9 +129,6 @@ class CalibrationConfig:
     def loss_quantizes_activations(self) -> bool:
         """AQAS's point: the search loss sees INT8 activations; AWQ's loss is weight-only."""
         return self.method == "aqas"
-
-    def with_seq_len(self, seq_len: int) -> "CalibrationConfig":
-        return replace(self, seq_len=seq_len)
 
     def to_record(self) -> dict[str, Any]:
         """The settings worth keeping in ``quantization_config.calibration`` (JSON-safe)."""
