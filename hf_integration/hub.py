@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from w4a8_dint.checkpoint import SAFE_INDEX, SINGLE_FILE, read_config, read_qconfig, shard_files, validate_checkpoint
+from w4a8_dint.checkpoint import read_config, read_qconfig, shard_files, validate_checkpoint
 from w4a8_dint.config import QUANT_METHOD, W4A8Config
 from w4a8_dint.formats import FORMATS
 
@@ -201,10 +201,6 @@ def plan_push(model_dir: str | Path, repo_id: str, private: bool = False, base_m
     missing = sorted(weights - set(files))
     if missing:
         raise FileNotFoundError(f"{model_dir}: shards {missing} are not plain files in the directory")
-    if (model_dir / SAFE_INDEX).is_file():
-        files[SAFE_INDEX] = model_dir / SAFE_INDEX
-    elif SINGLE_FILE not in files:
-        raise FileNotFoundError(f"{model_dir}: no {SINGLE_FILE}")
     card = build_model_card(model_dir, repo_id, base_model, eval_results)
     msg = f"Upload {qcfg.format} W4A8 checkpoint (w4a8-dint, method {qcfg.method})"
     return PushPlan(repo_id=repo_id, files=files, card=card, commit_message=msg, private=private)
