@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from w4a8_dint.formats import CodeTable, QuantizedWeight, absmax_scales, quantize_weight, resolve_group_size
-from w4a8_dint.reference import INT8_MAX
+from w4a8_dint.reference import INT8_MAX, act_scale_from_absmax
 
 _EPS = 1e-8
 
@@ -236,8 +236,7 @@ def fake_quantize_activation_fast(x: torch.Tensor, act_mode: str, input_scale: t
     """
     xf = x.float()
     if act_mode == "per-token":
-        s = xf.abs().amax(dim=-1, keepdim=True) / INT8_MAX
-        s = torch.where(s > 0, s, torch.ones_like(s))
+        s = act_scale_from_absmax(xf.abs().amax(dim=-1, keepdim=True))
     elif act_mode == "per-tensor":
         if input_scale is None:
             raise ValueError("per-tensor activation mode needs a calibrated input_scale")
