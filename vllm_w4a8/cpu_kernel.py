@@ -8,17 +8,20 @@ How it stays exact while running on oneDNN:
 * Activations: quantized to INT8 with the reference's own functions (the same
   rounding, bit for bit). vLLM-CPU's ``dynamic_scaled_int8_quant`` was measured
   to round some bf16 rows differently, so it is not used.
-* GEMM: oneDNN's s8 x s8 -> s32 accumulation is exact. Measured on this
-  oneDNN build: with per-output-channel weight scales ``ws`` and per-row source
-  scales ``sx`` the float32 result is ``(acc * ws) * sx``, exactly the
-  reference epilogue ``w4a8_epilogue`` for one group. So a per-channel layer is
-  one oneDNN call with the whole epilogue fused.
+* GEMM: oneDNN's s8 x s8 -> s32 accumulation is exact, and so is everything it
+  is asked to do after it: one multiply of the int32 sum by the per-output-channel
+  half scale of a group (``fl(acc * ws)``, one IEEE rounding whatever the ISA; the
+  source scale handed to oneDNN is 1). The rest of the reference epilogue (groups
+  summed left to right, times the activation scale, + bias, cast to the output
+  dtype) runs in torch in the reference's order. Why not let oneDNN fuse the
+  activation scale and write bf16 directly (what this kernel did first)? Its
+  fused epilogue and f32->bf16 conversion are ISA-specific: on a Xeon with
+  AVX512-VNNI but no AVX512-BF16 the bf16 outputs differed from the reference by
+  one ulp. Keeping oneDNN to "exact integer GEMM x one scale" makes the output
+  bit-identical to the reference on every x86 CPU by construction.
 * Group-wise weights need per-group partial sums: one oneDNN GEMM per group
-  (weight scales = that group's half scales, source scales = 1), then the
-  groups are summed left to right and multiplied by ``sx`` as the reference does.
+  (weight scales = that group's half scales), summed left to right in torch.
   Correct but G calls per layer; per-channel is the fast layout on CPU.
-* Bias is added in float32 after the scales (oneDNN's fused bias rounds
-  differently), so a layer with bias gets a float32 GEMM output.
 
 Trap (cost a debugging session): the oneDNN handler keeps a *pointer* to the
 weight-scale tensor, not a copy. The scales are therefore held in the kernel
@@ -48,8 +51,6 @@ except Exception:  # noqa: BLE001 - any import failure just means "not available
 
 # oneDNN primitive cache entries per handler (vLLM uses 32 for its own int8 path).
 _PRIMITIVE_CACHE_SIZE = 32
-# Handler output dtypes oneDNN writes directly; anything else goes through float32.
-_DIRECT_OUTPUT_DTYPES = (torch.bfloat16, torch.float32)
 
 AbsmaxReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -96,9 +97,9 @@ class OneDnnInt8Kernel(W4A8LinearKernel):
 
     def __init__(self, spec: W4A8LayerSpec, out_dtype: torch.dtype = torch.float32, has_bias: bool = False) -> None:
         super().__init__(spec)
+        # oneDNN always writes float32 (see the module docstring: the cast is done in torch, portably).
+        # has_bias is accepted for the vLLM method's constructor call; bias is always added in float32.
         self.out_dtype = out_dtype
-        # bf16 straight from oneDNN only when nothing is added afterwards (bias must be added in fp32).
-        self.gemm_dtype = out_dtype if (out_dtype in _DIRECT_OUTPUT_DTYPES and not has_bias) else torch.float32
         self._handlers: list = []  # keeps the C++ handlers alive (their __del__ frees them)
 
     @classmethod
@@ -132,15 +133,14 @@ class OneDnnInt8Kernel(W4A8LinearKernel):
             # oneDNN wants B as [K, N] with stride(0) == 1: the transpose view of row-major [N, K].
             b = w8[:, cols].contiguous().t()
             scales = half_scales[:, i].contiguous()
-            dtype = self.gemm_dtype if groups == 1 else torch.float32
-            handler = _vllm_ops.create_onednn_scaled_mm(b, scales, dtype, True, False, _PRIMITIVE_CACHE_SIZE)
+            handler = _vllm_ops.create_onednn_scaled_mm(b, scales, torch.float32, True, False, _PRIMITIVE_CACHE_SIZE)
             self._handlers.append(handler)
             state[f"handler_{i}"] = handler.handler_tensor
             state[f"half_scales_{i}"] = scales  # the handler points at this memory: keep it alive
         return state
 
     def apply(self, state, x, input_scale=None, smooth_scale=None, bias=None, absmax_reduce: AbsmaxReduce | None = None):
-        if self.gemm_dtype != torch.float32 and x.dtype != self.gemm_dtype:
+        if self.out_dtype != torch.float32 and x.dtype != self.out_dtype:
             raise ValueError(f"{self.name}: prepared for {self.out_dtype} activations, got {x.dtype}")
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
@@ -154,28 +154,27 @@ class OneDnnInt8Kernel(W4A8LinearKernel):
             q_x, s_x = quantize_activation_with_absmax_reduce(x2, absmax_reduce)
         else:
             q_x, s_x = quantize_activation_per_token(x2)
-        s_x = s_x.contiguous()
-        m, n = q_x.shape[0], self.spec.out_features
-        if self.num_groups == 1:
-            y = torch.empty((m, n), dtype=self.gemm_dtype, device=x.device)
-            torch.ops._C.onednn_scaled_mm(y, q_x, s_x, None, None, None, state["handler_0"])
-        else:
-            y = self._grouped_gemm(state, q_x, s_x)
+        y = self._scaled_int_gemm(state, q_x) * s_x
         if bias is not None:
-            y = y.float() + bias.float()
-        return y.reshape(*shape[:-1], n).to(x.dtype)
+            y = y + bias.float()
+        return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
 
-    def _grouped_gemm(self, state: dict[str, torch.Tensor], q_x: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
-        """Sum of per-group ``acc_g * half_scale_g`` (oneDNN, exact) left to right, times ``s_x``."""
+    def _scaled_int_gemm(self, state: dict[str, torch.Tensor], q_x: torch.Tensor) -> torch.Tensor:
+        """float32 ``sum_g fl(acc_g * half_scale_g)``, groups left to right: the exact part oneDNN may do."""
         m, n, g = q_x.shape[0], self.spec.out_features, self.spec.group_size
-        q_groups = q_x.reshape(m, self.num_groups, g).transpose(0, 1).contiguous()  # [G, M, g]
+        # Source scale 1: oneDNN then rounds once per element (acc * ws), on every ISA alike.
         unit = torch.ones((m, 1), dtype=torch.float32, device=q_x.device)
+        if self.num_groups == 1:
+            y = torch.empty((m, n), dtype=torch.float32, device=q_x.device)
+            torch.ops._C.onednn_scaled_mm(y, q_x, unit, None, None, None, state["handler_0"])
+            return y
+        q_groups = q_x.reshape(m, self.num_groups, g).transpose(0, 1).contiguous()  # [G, M, g]
         y = None
         for i in range(self.num_groups):
             part = torch.empty((m, n), dtype=torch.float32, device=q_x.device)
             torch.ops._C.onednn_scaled_mm(part, q_groups[i], unit, None, None, None, state[f"handler_{i}"])
             y = part if y is None else y + part
-        return y * s_x
+        return y
 
 
 def register() -> None:
