@@ -15,6 +15,18 @@ Tensor layout (shared by calibrate, kernels, both integrations):
 * scales are ``float32 [N, K // G]`` for group size ``G`` (``G = -1`` means one
   group spanning K, i.e. per output channel, shape ``[N, 1]``).
 
+Two scale schemes (``SCALE_SCHEMES``):
+
+* ``"float"``: one float scale per group, as above.
+* ``"two-level"``: ``weight = value(c) * m[n, g] * s[n]`` with a small unsigned
+  integer multiplier ``m`` per group (``0 <= m <= max_group_mult(table)``, so that
+  ``|2v| * m <= 127``) and one float scale ``s`` per output channel (``[N, 1]``).
+  The int8 expansion is then ``2v * m`` and the layer is ONE per-channel integer
+  GEMM with scale ``s / 2`` (QServe's progressive group scales / "Integer Scale").
+  Multipliers are packed 4 bits per group, two per byte like the codes:
+  ``uint8 [N, ceil(G_count / 2)]``, group ``2j`` in the low nibble, and when
+  the group count is odd the last high nibble is 0.
+
 Rounding is to the nearest table value; an exact tie goes to the value of
 smaller magnitude (toward zero). That is symmetric for symmetric tables and
 never rounds a tiny weight *away* from zero.
@@ -33,6 +45,12 @@ import torch
 
 NUM_CODES = 16
 PER_CHANNEL = -1  # group size meaning "one group spanning the whole input dim"
+INT8_MAX = 127
+MULT_MAX_4BIT = 15  # group multipliers are stored in a nibble
+
+FLOAT_SCALES = "float"
+TWO_LEVEL = "two-level"
+SCALE_SCHEMES: tuple[str, ...] = (FLOAT_SCALES, TWO_LEVEL)
 
 
 class FormatError(ValueError):
@@ -318,23 +336,44 @@ def expand_to_int8(packed: torch.Tensor, table: CodeTable) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A packed weight and what is needed to decode it."""
+    """A packed weight and what is needed to decode it.
+
+    Float scales: ``scales [N, K // G]``, ``group_mult`` is None. Two-level: ``scales`` is the
+    per-channel ``s [N, 1]`` and ``group_mult`` the unpacked multipliers ``uint8 [N, K // G]``.
+    """
 
     packed: torch.Tensor  # uint8 [N, K // 2]
-    scales: torch.Tensor  # float32 [N, K // G]
+    scales: torch.Tensor  # float32 [N, K // G] (float) or [N, 1] (two-level)
     table: CodeTable
     group_size: int  # effective (never -1)
+    group_mult: torch.Tensor | None = None  # uint8 [N, K // G], two-level only
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.packed.shape[0], self.packed.shape[1] * 2
 
+    @property
+    def scale_scheme(self) -> str:
+        return FLOAT_SCALES if self.group_mult is None else TWO_LEVEL
+
+    @property
+    def epilogue_group_size(self) -> int:
+        """Columns per float scale: the whole K for two-level (one integer GEMM), else the group size."""
+        return self.shape[1] if self.group_mult is not None else self.group_size
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_codes(unpack_codes(self.packed), self.scales, self.table, self.group_size, dtype)
+        if self.group_mult is None:
+            return dequantize_codes(unpack_codes(self.packed), self.scales, self.table, self.group_size, dtype)
+        return dequantize_two_level(self.packed, self.group_mult, self.scales, self.table, self.group_size, dtype)
 
     def int8_expansion(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(w8 int8 [N, K], half_scales float32 [N, K // G])`` with ``W ≈ w8 * half_scales`` per group."""
-        return expand_to_int8(self.packed, self.table), self.scales * 0.5
+        """``(w8 int8 [N, K], half_scales float32)`` with ``W = w8 * half_scales`` per epilogue group.
+
+        Two-level: ``w8 = 2v * m`` and ``half_scales = s / 2`` is per channel ``[N, 1]``.
+        """
+        if self.group_mult is None:
+            return expand_to_int8(self.packed, self.table), self.scales * 0.5
+        return expand_two_level_to_int8(self.packed, self.group_mult, self.table, self.group_size), self.scales * 0.5
 
 
 def quantize_weight(
@@ -353,3 +392,139 @@ def bits_needed_for_expansion(table: CodeTable) -> int:
     """Signed bit width of the int8 expansion (5 for the half-step formats): what hw_model multiplies."""
     m = max(abs(v) for v in table.half_values)
     return int(math.ceil(math.log2(m + 1))) + 1
+
+
+# -- two-level scales: integer group multiplier x per-channel float --------------------------
+
+def max_group_mult(table: CodeTable) -> int:
+    """Largest multiplier m with ``|2v| * m <= 127`` for every code of ``table`` (and m fits 4 bits)."""
+    return min(MULT_MAX_4BIT, INT8_MAX // max(abs(v) for v in table.half_values))
+
+
+# Candidate per-channel scales, as fractions of ``row's largest group scale / max_m``: below 1 the
+# largest group clips a little in exchange for finer multiplier steps on the others.
+TWO_LEVEL_RATIOS: tuple[float, ...] = (1.0, 0.96, 0.92, 0.88, 0.84, 0.8)
+
+
+def _group_sq_error(wg: torch.Tensor, scale: torch.Tensor, table: CodeTable) -> torch.Tensor:
+    """``[N, ng]`` squared reconstruction error of ``wg [N, ng, G]`` quantized with ``scale [N, ng]``.
+
+    The tie rule does not matter here (both neighbours of a tie are equally far), so one
+    bucketize straight to values suffices; a zero scale reconstructs zeros.
+    """
+    vals, _, mids = table._sorted
+    s = scale.unsqueeze(-1)
+    x = wg / torch.where(s > 0, s, torch.ones_like(s))
+    q = vals.to(wg.device)[torch.bucketize(x, mids.to(wg.device), out_int32=True)] * s
+    return (q - wg).square_().sum(-1)
+
+
+def two_level_scales(
+    w: torch.Tensor, table: CodeTable, group_size: int, row_clip: torch.Tensor | None = None,
+    ratios: tuple[float, ...] = TWO_LEVEL_RATIOS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``s float32 [N, 1]`` and multipliers ``m uint8 [N, K // G]`` minimising each row's error.
+
+    For every candidate ``s`` (``ratios`` of the row's largest absmax group scale / max_m) each
+    group takes the better of the two integer multipliers bracketing its own absmax scale;
+    each row then keeps the candidate with the smallest squared reconstruction error. An all-zero
+    group gets ``m = 0`` (exact zeros even for a table without a zero code).
+    ``row_clip [N]`` shrinks the absmax group scales first (the calibrated clip ratios).
+    Pure and deterministic; vectorised over rows.
+    """
+    check_finite(w, "weight")
+    g = resolve_group_size(w.shape[-1], group_size)
+    wg = _grouped(w.float(), g)
+    ideal = absmax_scales(w, table, g)
+    if row_clip is not None:
+        ideal = ideal * row_clip.to(ideal.device, torch.float32)[:, None]
+    m_max = max_group_mult(table)
+    top = ideal.amax(dim=1, keepdim=True)  # [N, 1]
+    best_err = torch.full((w.shape[0],), math.inf, device=wg.device)
+    best_s = torch.zeros_like(top)
+    best_m = torch.ones_like(ideal)
+    for r in ratios:
+        s = top * r / m_max
+        per_s = ideal / torch.where(s > 0, s, torch.ones_like(s))
+        lo = per_s.floor().clamp(1, m_max)
+        hi = per_s.ceil().clamp(1, m_max)
+        err_lo, err_hi = _group_sq_error(wg, lo * s, table), _group_sq_error(wg, hi * s, table)
+        m = torch.where(err_hi < err_lo, hi, lo)
+        err = torch.minimum(err_lo, err_hi).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better[:, None], s, best_s)
+        best_m = torch.where(better[:, None], m, best_m)
+    best_m = torch.where(ideal > 0, best_m, torch.zeros_like(best_m))  # an all-zero group decodes to zeros
+    return best_s.float().contiguous(), best_m.to(torch.uint8).contiguous()
+
+
+def quantize_two_level(
+    w: torch.Tensor, table: CodeTable, group_size: int, row_clip: torch.Tensor | None = None
+) -> QuantizedWeight:
+    """Quantize ``[N, K]`` with two-level scales (see :func:`two_level_scales`)."""
+    g = resolve_group_size(w.shape[-1], group_size)
+    s, m = two_level_scales(w, table, g, row_clip)
+    codes = quantize_to_codes(w, m.float() * s, table, g)
+    return QuantizedWeight(pack_codes(codes), s, table, g, m)
+
+
+def check_group_mult(group_mult: torch.Tensor, table: CodeTable) -> None:
+    """Unpacked multipliers must be uint8 in ``0..max_group_mult(table)`` (else the int8 expansion overflows)."""
+    if group_mult.dtype != torch.uint8 or group_mult.dim() != 2:
+        raise FormatError(f"group multipliers must be 2-D uint8, got {group_mult.dtype} {tuple(group_mult.shape)}")
+    m_max = max_group_mult(table)
+    if group_mult.numel() and int(group_mult.max()) > m_max:
+        raise FormatError(f"group multiplier {int(group_mult.max())} > {m_max}: |2v|*m must fit int8 for {table.name}")
+
+
+def packed_group_mult_shape(n: int, num_groups: int) -> tuple[int, int]:
+    return n, (num_groups + 1) // 2
+
+
+def pack_group_mult(group_mult: torch.Tensor) -> torch.Tensor:
+    """``uint8 [N, ng]`` (0..15) -> ``uint8 [N, ceil(ng / 2)]``; group 2j low nibble, 2j+1 high (0 pad)."""
+    if group_mult.dtype != torch.uint8 or group_mult.dim() != 2:
+        raise FormatError(f"group multipliers must be 2-D uint8, got {group_mult.dtype} {tuple(group_mult.shape)}")
+    if group_mult.numel() and int(group_mult.max()) > MULT_MAX_4BIT:
+        raise FormatError(f"group multipliers must be <= {MULT_MAX_4BIT} to fit a nibble")
+    if group_mult.shape[1] % 2:
+        group_mult = torch.cat([group_mult, group_mult.new_zeros(group_mult.shape[0], 1)], dim=1)
+    return group_mult[:, 0::2] | (group_mult[:, 1::2] << 4)
+
+
+def unpack_group_mult(packed: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Inverse of :func:`pack_group_mult`; refuses a non-zero pad nibble (a wrong group count)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise FormatError(f"packed group multipliers must be 2-D uint8, got {packed.dtype} {tuple(packed.shape)}")
+    if packed.shape[1] != (num_groups + 1) // 2:
+        raise FormatError(f"packed group multipliers {tuple(packed.shape)} do not hold {num_groups} groups per row")
+    m = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+    if m.shape[1] > num_groups and bool((m[:, num_groups:] != 0).any()):
+        raise FormatError("packed group multipliers: the pad nibble of an odd group count must be 0")
+    return m[:, :num_groups].contiguous()
+
+
+def expand_two_level_to_int8(
+    packed: torch.Tensor, group_mult: torch.Tensor, table: CodeTable, group_size: int
+) -> torch.Tensor:
+    """int8 ``[N, K]`` = ``2v * m[n, k // G]`` (exact: ``|2v| * m <= 127`` by :func:`check_group_mult`)."""
+    check_group_mult(group_mult, table)
+    w8 = expand_to_int8(packed, table)
+    n, k = w8.shape
+    g = resolve_group_size(k, group_size)
+    if tuple(group_mult.shape) != (n, k // g):
+        raise FormatError(f"group multipliers {tuple(group_mult.shape)} != expected {(n, k // g)}")
+    return (w8.reshape(n, k // g, g) * group_mult.to(torch.int8).unsqueeze(-1)).reshape(n, k)
+
+
+def dequantize_two_level(
+    packed: torch.Tensor, group_mult: torch.Tensor, scales: torch.Tensor, table: CodeTable, group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """float ``[N, K]`` = ``value * m * s`` (equals the int8 expansion times ``s / 2`` exactly)."""
+    codes = unpack_codes(packed)
+    n, k = codes.shape
+    g = resolve_group_size(k, group_size)
+    vals = table.value_lut(codes.device)[codes.long()].reshape(n, k // g, g)
+    return (vals * group_mult.float().unsqueeze(-1) * scales.float().reshape(n, 1, 1)).reshape(n, k).to(dtype)

@@ -9,6 +9,13 @@ Math (all integer work exact, int32 accumulation):
 
 The float epilogue is evaluated in float32 in exactly this order (groups summed
 left to right), so a kernel that keeps the same order matches bit for bit.
+
+Two-level weights (formats.py) fold the integer group multiplier into the int8
+expansion (``w8 = 2v * m``) and keep one float scale per channel, so they are a
+single group spanning K here: ONE integer GEMM per layer, per-channel epilogue.
+
+Activation quantization lives here once; every kernel calls these functions
+(the traceable variants exist for compiled graphs and tensor parallelism).
 """
 
 from __future__ import annotations
@@ -30,22 +37,42 @@ def act_scale_from_absmax(absmax: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
-def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [M, K]`` -> ``(q int8 [M, K], scale float32 [M, 1])``, scale = max|x_row| / 127."""
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """``[M, 1]`` float32 max|x| per row: what a tensor-parallel shard reduces before quantizing."""
+    return x.float().abs().amax(dim=-1, keepdim=True)
+
+
+def quantize_activation_per_token(
+    x: torch.Tensor, absmax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` -> ``(q int8 [M, K], scale float32 [M, 1])``, scale = max|x_row| / 127.
+
+    ``absmax [M, 1]`` may be given precomputed (e.g. reduced over the tensor-parallel shards of
+    the row), so a shard quantizes with the whole row's scale.
+    """
     xf = x.float()
-    scale = act_scale_from_absmax(xf.abs().amax(dim=-1, keepdim=True))
+    scale = act_scale_from_absmax(row_absmax(xf) if absmax is None else absmax)
     q = torch.round(xf / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
 
-def quantize_activation_per_tensor(x: torch.Tensor, scale: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Static INT8 with a calibrated scale; values beyond the calibrated range saturate."""
+def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static INT8 without the value check, so torch.compile can trace it (no data-dependent ``if``).
+
+    Callers check the scale once (at load, or :func:`quantize_activation_per_tensor`).
+    """
     xf = x.float()
-    s = torch.as_tensor(scale, dtype=torch.float32, device=xf.device).reshape(1, 1)
-    if not torch.isfinite(s).all() or (s <= 0).any():
-        raise FormatError(f"static activation scale must be finite and > 0, got {s.flatten().tolist()}")
+    s = scale.to(device=xf.device, dtype=torch.float32).reshape(1, 1)
     q = torch.round(xf / s).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, s.expand(xf.shape[0], 1)
+
+
+def quantize_activation_per_tensor(x: torch.Tensor, scale: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static INT8 with a calibrated scale; values beyond the calibrated range saturate."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(1, 1)
+    if not torch.isfinite(s).all() or (s <= 0).any():
+        raise FormatError(f"static activation scale must be finite and > 0, got {s.flatten().tolist()}")
+    return quantize_activation_static(x, s)
 
 
 def quantize_activation(
@@ -116,7 +143,7 @@ def w4a8_linear_reference(
         x2 = x2 / smooth_scale.float()
     q_x, s_x = quantize_activation(x2, act_mode, input_scale)
     w8, half_scales = weight.int8_expansion()
-    acc = int_matmul_grouped(q_x, w8, weight.group_size)
+    acc = int_matmul_grouped(q_x, w8, weight.epilogue_group_size)
     y = w4a8_epilogue(acc, half_scales.float(), s_x)
     if bias is not None:
         y = y + bias.float()

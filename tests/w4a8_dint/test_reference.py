@@ -83,3 +83,43 @@ def test_leading_dims_and_dtype_preserved():
     qw = F.quantize_weight(_rand((4, 32), 7), F.get_format("fp4"), 16)
     y = R.w4a8_linear_reference(x, qw)
     assert y.shape == (2, 3, 4) and y.dtype == torch.bfloat16
+
+
+# -- two-level scales: one integer GEMM per layer ---------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(F.FORMATS))
+@pytest.mark.parametrize("act_mode", ["per-token", "per-tensor"])
+def test_two_level_linear_is_one_integer_gemm_with_per_channel_epilogue(name, act_mode, monkeypatch):
+    m, n, k, g = 7, 24, 192, 32
+    x = _rand((m, k), 1, 2.0)
+    qw = F.quantize_two_level(_rand((n, k), 2, 0.1), F.get_format(name), g)
+    bias = _rand((n,), 3)
+    inp = (x.abs().max() / 127).reshape(1) if act_mode == "per-tensor" else None
+    calls = []
+    real = R.int_matmul_grouped
+    monkeypatch.setattr(R, "int_matmul_grouped", lambda a, b, gs: calls.append(gs) or real(a, b, gs))
+    y = R.w4a8_linear_reference(x, qw, act_mode, inp, bias=bias)
+    assert calls == [k]  # one GEMM spanning K, not one per group
+    # Exact integer part and the per-channel epilogue order: (acc * s/2) * s_x + bias, in float32.
+    q_x, s_x = R.quantize_activation(x, act_mode, inp)
+    w8 = (F.expand_to_int8(qw.packed, qw.table).long() * qw.group_mult.long().repeat_interleave(g, 1))
+    acc = (q_x.double() @ w8.double().t()).float()
+    assert torch.equal(y, acc * (qw.scales[:, 0] * 0.5) * s_x + bias)
+    # And it is the layer: close to the float matmul of the dequantized weight.
+    ref = x @ qw.dequantize().t() + bias
+    assert (y - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_activation_quantizer_variants_agree():
+    x = _rand((5, 64), 4, 3.0)
+    q, s = R.quantize_activation_per_token(x)
+    q2, s2 = R.quantize_activation_per_token(x, absmax=R.row_absmax(x))
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+    # A larger (TP-reduced) absmax gives the coarser scale of the whole row.
+    q3, s3 = R.quantize_activation_per_token(x, absmax=R.row_absmax(x) * 2)
+    assert torch.equal(s3, s * 2) and q3.abs().max() <= 64
+    qs, ss = R.quantize_activation_static(x, torch.tensor([0.02]))
+    qp, sp = R.quantize_activation_per_tensor(x, torch.tensor([0.02]))
+    assert torch.equal(qs, qp) and torch.equal(ss, sp)
+    with pytest.raises(F.FormatError):
+        R.quantize_activation_per_tensor(x, torch.tensor([0.0]))
