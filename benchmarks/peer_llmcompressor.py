@@ -1,0 +1,259 @@
+"""llm-compressor 0.14's W4A8 recipes, side by side with ours, on the same windows and the same scorer.
+
+The peer is installed into its OWN folder (``pip install --target DIR --no-deps``) and run with our
+venv's torch/transformers on ``PYTHONPATH``, so it never touches our venv (llm-compressor pins
+transformers<=5.17; a separate venv would pull a multi-GB CUDA torch). Verified here with
+llmcompressor 0.14.0.1 + compressed-tensors 0.19.0.
+
+What is compared, for each granularity (per channel, group G):
+
+* the peer's W4A8: int4 symmetric weights at the same granularity as ours, int8 symmetric dynamic
+  per-token activations (``input_activations`` strategy "token"), lm_head left float, in four
+  recipes: QuantizationModifier (RTN), GPTQModifier, SmoothQuantModifier(0.8) + GPTQModifier,
+  AWQModifier + QuantizationModifier;
+* calibrated on OUR calibration windows (``calibrate.data.calibration_data``: same dataset, count,
+  length, seed as ``w4a8 calibrate``), passed to ``oneshot`` as a tokenized dataset;
+* scored with OUR perplexity harness (``hf_integration.eval.perplexity``, same windows) on the model
+  ``oneshot`` returns, whose linears run compressed-tensors' quantize-dequantize forward (weights
+  and the dynamic per-token input quantization);
+* proof that the activations really are quantized: the same weights re-scored with input
+  quantization switched off (W4A16) must give a different perplexity (``act_quant_effect``).
+
+Usage::
+
+    python benchmarks/peer_llmcompressor.py [--model smollm2|PATH] [--groups -1,64] [--recipes rtn,gptq]
+    python benchmarks/peer_llmcompressor.py --plan        # print the recipes, run nothing
+
+Results: ``benchmarks/results/peer_llmcompressor.json`` (merged per model/granularity/recipe)
+and a printed table. Not part of the test run (minutes per recipe); ``tests/benchmarks`` checks
+the recipe construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PEER_VERSION = "0.14.0.1"
+PEER_PACKAGES = (f"llmcompressor=={PEER_VERSION}", "compressed-tensors==0.19.0", "nvidia-ml-py", "datasets",
+                 "pandas", "xxhash", "multiprocess<0.70.20")
+RESULTS = Path(__file__).resolve().parent / "results" / "peer_llmcompressor.json"
+RECIPES = ("rtn", "gptq", "sq-gptq", "awq")
+SMOOTHQUANT_STRENGTH = 0.8
+
+
+# -- plan (pure: what the test checks) -------------------------------------------------------------
+
+def w4a8_scheme(group_size: int) -> dict[str, Any]:
+    """compressed-tensors config group: int4 symmetric weights (channel or group), int8 dynamic per-token acts."""
+    weights: dict[str, Any] = {"num_bits": 4, "type": "int", "symmetric": True}
+    if group_size == -1:
+        weights.update(strategy="channel")
+    else:
+        weights.update(strategy="group", group_size=group_size)
+    acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    return {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}}
+
+
+def recipe_spec(name: str, group_size: int) -> list[tuple[str, dict[str, Any]]]:
+    """``[(modifier class name, kwargs), ...]`` for one peer recipe; lm_head stays float as in ours."""
+    quant = {"config_groups": w4a8_scheme(group_size), "ignore": ["lm_head"]}
+    if name == "rtn":
+        return [("QuantizationModifier", quant)]
+    if name == "gptq":
+        return [("GPTQModifier", quant)]
+    if name == "sq-gptq":
+        return [("SmoothQuantModifier", {"smoothing_strength": SMOOTHQUANT_STRENGTH}), ("GPTQModifier", quant)]
+    if name == "awq":
+        return [("AWQModifier", {}), ("QuantizationModifier", quant)]
+    raise ValueError(f"unknown peer recipe {name!r}; known: {RECIPES}")
+
+
+MODIFIER_MODULES = {
+    "QuantizationModifier": "llmcompressor.modifiers.quantization",
+    "GPTQModifier": "llmcompressor.modifiers.gptq",
+    "SmoothQuantModifier": "llmcompressor.modifiers.smoothquant",
+    "AWQModifier": "llmcompressor.modifiers.transform.awq",
+}
+
+
+def build_modifiers(spec: list[tuple[str, dict[str, Any]]]) -> list:
+    """Instantiate a recipe spec (needs llm-compressor importable: the worker's PYTHONPATH)."""
+    import importlib
+
+    return [getattr(importlib.import_module(MODIFIER_MODULES[cls]), cls)(**kw) for cls, kw in spec]
+
+
+def peer_dir(cache: Path | None = None) -> Path:
+    root = cache or Path(os.environ.get("W4A8_CACHE", Path.home() / ".cache" / "w4a8-dint"))
+    return root / "peer" / f"llmcompressor-{PEER_VERSION}"
+
+
+def install_peer(target: Path) -> Path:
+    """``pip install --target`` (idempotent): never into our venv."""
+    if (target / "llmcompressor").is_dir() and (target / "compressed_tensors").is_dir():
+        return target
+    tmp = target.with_name(target.name + ".partial")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                    "--target", str(tmp), *PEER_PACKAGES], check=True)
+    tmp.rename(target)
+    return target
+
+
+# -- worker (runs with the peer on PYTHONPATH) --------------------------------------------------------
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _act_quant(model, enabled: bool) -> int:
+    """Switch compressed-tensors' input (activation) quantization on/off on every quantized linear."""
+    n = 0
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        if not hasattr(module, "_w4a8_peer_acts"):
+            module._w4a8_peer_acts = scheme.input_activations
+        module.quantization_scheme = scheme.model_copy(update={"input_activations": module._w4a8_peer_acts if enabled else None})
+        n += module._w4a8_peer_acts is not None
+    return n
+
+
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from w4a8_dint.calibrate.data import calibration_data
+    from w4a8_dint.embedded import load_text
+    from w4a8_dint.hf_integration.eval import perplexity
+
+    torch.manual_seed(job["seed"])
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    tok = AutoTokenizer.from_pretrained(job["model"])
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
+    data = calibration_data(tok, job["dataset"], job["samples"], job["seq_len"], job["seed"])
+    ids = data.input_ids
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    t0, c0 = time.perf_counter(), time.process_time()
+    oneshot(model=model, dataset=ds, recipe=build_modifiers(recipe_spec(job["recipe"], job["group_size"])),
+            num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1])
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    model.eval()
+
+    def score() -> dict[str, float]:
+        with torch.no_grad():
+            return {d: perplexity(model, tok, load_text(d), job["eval_seq_len"], max_tokens=job["eval_tokens"],
+                                  add_bos=job["add_bos"], desc=d)["ppl"] for d in job["datasets"]}
+
+    quantized_inputs = _act_quant(model, True)
+    w4a8 = score()
+    _act_quant(model, False)
+    w4a16 = score()
+    return {"ppl": w4a8, "ppl_w4a16_same_weights": w4a16, "linears_with_act_quant": quantized_inputs,
+            "act_quant_effect": {d: w4a8[d] / w4a16[d] - 1 for d in w4a8},
+            "calib_wall_s": wall, "calib_cpu_s": cpu, "peak_rss_mb": _rss_mb()}
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+def _model_path(name: str) -> str:
+    if name == "smollm2":
+        from w4a8_dint.embedded import embedded_model_dir
+
+        return str(embedded_model_dir())
+    return name
+
+
+def run_job(job: dict[str, Any], peer: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(peer), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
+                "stderr_tail": proc.stderr[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    out = ["| model | group | recipe | PTB | C4 | PTB (acts off) | act-quant effect | calib wall s | peak RSS MB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r["result"]:
+            out.append(f"| {r['model_name']} | {r['group_size']} | {r['recipe']} | error: {r['result']['error'][:60]} |||||")
+            continue
+        p, p16, res = r["result"]["ppl"], r["result"]["ppl_w4a16_same_weights"], r["result"]
+        out.append(f"| {r['model_name']} | {r['group_size']} | {r['recipe']} | {p.get('ptb', float('nan')):.2f} | "
+                   f"{p.get('c4', float('nan')):.2f} | {p16.get('ptb', float('nan')):.2f} | "
+                   f"{100 * res['act_quant_effect'].get('ptb', float('nan')):+.1f}% | {res['calib_wall_s']:.0f} | "
+                   f"{res['peak_rss_mb']:.0f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="smollm2", help="smollm2 (embedded) or a local HF model dir")
+    p.add_argument("--add-bos", action="store_true", help="prepend BOS when scoring (Gemma)")
+    p.add_argument("--groups", default="-1,64", help="comma list of group sizes (-1 = per channel)")
+    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--dataset", default="c4")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-tokens", type=int, default=4096, help="perplexity tokens per dataset (the study uses 4096)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--results", type=Path, default=RESULTS, help=f"JSON to merge results into (default {RESULTS})")
+    p.add_argument("--plan", action="store_true", help="print the recipes and exit")
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    groups = [int(g) for g in args.groups.split(",")]
+    recipes = [r for r in args.recipes.split(",") if r]
+    if args.plan:
+        for g in groups:
+            for r in recipes:
+                print(g, r, json.dumps(recipe_spec(r, g)))
+        return 0
+    peer = install_peer(peer_dir())
+    model = _model_path(args.model)
+    out_json: Path = args.results
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {"runs": {}}
+    rows = []
+    for g in groups:
+        for r in recipes:
+            job = {"model": model, "recipe": r, "group_size": g, "dataset": args.dataset, "samples": args.samples,
+                   "seq_len": args.seq_len, "seed": args.seed, "eval_seq_len": 512, "eval_tokens": args.eval_tokens,
+                   "datasets": ["ptb", "c4"], "add_bos": args.add_bos, "threads": args.threads}
+            print(f"[peer] {args.model} g{g} {r} ...", file=sys.stderr, flush=True)
+            res = run_job(job, peer)
+            row = {"model_name": args.model, "group_size": g, "recipe": r, "job": job, "result": res,
+                   "loadavg": Path("/proc/loadavg").read_text().split()[:3], "finished": time.strftime("%Y-%m-%d %H:%M")}
+            rows.append(row)
+            results["runs"][f"{args.model}|g{g}|{r}"] = row
+            results.update(peer=f"llmcompressor {PEER_VERSION} (compressed-tensors 0.19.0)", machine=platform.processor())
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out_json.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+            tmp.replace(out_json)
+            print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
