@@ -135,10 +135,11 @@ class _Batches:
 
 def _record_batches(stream: LayerStream, input_ids: torch.Tensor, cfg: CalibrationConfig) -> _Batches:
     # Batches of whole sequences; the first one (about search_tokens tokens) is the search batch.
+    # A run that needs no activations records only the probe (the structure trace's few tokens).
     seq_len = input_ids.shape[1]
     batch = max(1, min(input_ids.shape[0], math.ceil(cfg.search_tokens / seq_len)))
     hidden, calls = [], []
-    for ids in input_ids.split(batch):
+    for ids in input_ids.split(batch) if cfg.needs_activations else ():
         h, c = stream.record_calls(ids)
         hidden.append(h)
         calls.append(c)
@@ -167,7 +168,8 @@ def _quantize_layers(run: _Run, stream: LayerStream, batches: _Batches, cfg: Cal
         records[name] = {"structure": [g.describe() for g in structure.groups], **result.record}
         hidden, probe = result.next_hidden, result.next_probe
         stream.release(i)
-        bar.set_postfix(rel_err=f"{result.record['layer_rel_error']:.2e}")
+        if "layer_rel_error" in result.record:
+            bar.set_postfix(rel_err=f"{result.record['layer_rel_error']:.2e}")
     bar.close()
     if stream.stats.peak_layers_resident > 1:
         raise CalibrationError(f"internal: {stream.stats.peak_layers_resident} decoder layers were resident at once")
@@ -185,7 +187,8 @@ def _calibrate(model: str | Path | None, out_dir: str | Path, cfg: CalibrationCo
 
     tokenizer = AutoTokenizer.from_pretrained(run.model_dir, trust_remote_code=cfg.trust_remote_code)
     seq_len, slac_record = _resolve_seq_len(cfg, tokenizer)
-    data = calibration_data(tokenizer, cfg.dataset, cfg.samples, seq_len, cfg.seed)
+    # Without activations only the probe's tokens are used: one window is enough.
+    data = calibration_data(tokenizer, cfg.dataset, cfg.samples if cfg.needs_activations else 1, seq_len, cfg.seed)
     device = _device(cfg)
     stream = LayerStream(run.skeleton, run.model_dir, device)
     stream.load_outer_modules()
@@ -200,7 +203,8 @@ def _calibrate(model: str | Path | None, out_dir: str | Path, cfg: CalibrationCo
             "seq_len": seq_len,
             "samples": data.samples,
             "tokens": data.samples * seq_len,
-            "search_tokens_used": int(batches.hidden[0].shape[0] * seq_len),
+            "search_tokens_used": int(batches.hidden[0].shape[0] * seq_len) if batches.hidden else 0,
+            "activations_collected": cfg.needs_activations,
             **slac_record,
             "source_model": DEFAULT_MODEL_NAME if model in (None, "", "default") else str(model),
             "w4a8_dint_version": __version__,
@@ -212,13 +216,13 @@ def _calibrate(model: str | Path | None, out_dir: str | Path, cfg: CalibrationCo
         }
         qconfig = W4A8Config(
             format=run.table.name, group_size=run.group_size,
-            act_mode="per-token" if cfg.method == "fptq" else cfg.act_mode,  # FPTQ: every layer is listed anyway
+            act_mode=cfg.method_impl.checkpoint_act_mode(cfg),
             layers=policies, modules_to_not_convert=list(run.rules.modules_to_not_convert), method=cfg.method,
-            calibration=calibration,
+            rounding=cfg.rounding, calibration=calibration,
         )
         entries = {**passthrough_entries(run.skeleton, run.model_dir, run.quantized_layers), **spill.entries}
         write_checkpoint(out, LazyTensors(entries), read_hf_config(run.model_dir), qconfig,
                          source_dir=run.model_dir, overwrite=cfg.overwrite)
-    _say(cfg, f"wrote {out} ({cfg.method}, {run.table.name}, group {run.group_size}, {run.quantized_layers} layers, "
+    _say(cfg, f"wrote {out} ({cfg.method}, {cfg.rounding} rounding, {run.table.name}, group {run.group_size}, {run.quantized_layers} layers, "
               f"{time.perf_counter() - start:.0f} s, peak resident decoder layers: {stream.stats.peak_layers_resident})")
     return out

@@ -9,7 +9,9 @@ import argparse
 import json
 import sys
 
-METHODS = ("aqas", "fptq", "awq", "smoothquant", "rtn")
+
+def _choices_help(registry: dict, default: str) -> str:
+    return "; ".join(f"{name}: {impl.summary}" for name, impl in registry.items()) + f" (default {default})"
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -23,9 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="local Hugging Face model directory or Hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", help="output checkpoint directory (written atomically)")
-    p.add_argument("--method", choices=METHODS, default="aqas",
-                   help="aqas: activation-quantization-aware scaling (default); fptq: layer-wise policy + LAE; "
-                        "awq / smoothquant / rtn: baselines at the same granularity")
+    from .methods import REGISTRY, ROUNDING_REGISTRY  # torch-free: --help stays instant
+
+    p.add_argument("--method", choices=tuple(REGISTRY), default="aqas",
+                   help="how smoothing scales, clips and activation modes are chosen. " + _choices_help(REGISTRY, "aqas"))
+    p.add_argument("--rounding", choices=tuple(ROUNDING_REGISTRY), default="rtn",
+                   help="how weights are rounded onto the 4-bit table after the method's scales, composable with any "
+                        "--method. " + _choices_help(ROUNDING_REGISTRY, "rtn"))
     p.add_argument("--format", default="dint4-a", help="4-bit weight format: int4, fp4, dint4-a (default), dint4-b, dint4-c")
     p.add_argument("--group-size", type=int, default=None,
                    help="weight group size, -1 = per output channel (default: -1; fptq: 128, else the largest of 64/32 dividing every K)")
@@ -63,7 +69,7 @@ def _config(args: argparse.Namespace):
     from .recipe import ALPHA_GRID, CLIP_GRID, CalibrationConfig
 
     return CalibrationConfig(
-        method=args.method, format=args.format, group_size=args.group_size, act_mode=args.act_mode,
+        method=args.method, rounding=args.rounding, format=args.format, group_size=args.group_size, act_mode=args.act_mode,
         dataset=args.dataset, samples=args.samples, seq_len=args.seq_len or args.target_len,
         target_task=args.target_task, seed=args.seed, alpha_grid=args.alpha_grid or ALPHA_GRID, alpha_search=args.alpha_search,
         clip_grid=args.clip_grid or CLIP_GRID, search_tokens=args.search_tokens, smoothquant_alpha=args.alpha,
@@ -121,12 +127,12 @@ def run(args: argparse.Namespace) -> int:
     from w4a8_dint.checkpoint import read_qconfig
 
     q = read_qconfig(out)
-    errs = [v["layer_rel_error"] for v in q.calibration["layers"].values()]
+    errs = [v["layer_rel_error"] for v in q.calibration["layers"].values() if "layer_rel_error" in v]
     modes: dict[str, int] = {}
     for pol in q.layers.values():
         modes[pol.act_mode] = modes.get(pol.act_mode, 0) + 1
-    print(json.dumps({"out": str(out), "method": q.method, "format": q.format, "group_size": q.group_size,
+    print(json.dumps({"out": str(out), "method": q.method, "rounding": q.rounding, "format": q.format, "group_size": q.group_size,
                       "seq_len": q.calibration["seq_len"], "samples": q.calibration["samples"],
                       "quantized_linears": len(q.layers), "act_modes": modes,
-                      "mean_layer_rel_error": round(sum(errs) / max(len(errs), 1), 5)}))
+                      "mean_layer_rel_error": round(sum(errs) / len(errs), 5) if errs else None}))
     return 0

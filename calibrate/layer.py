@@ -4,10 +4,12 @@ Order inside a layer (every smoothing group is searched on the layer's float inp
 
 1. one float pass over all calibration batches: per input channel ``max|X|`` and ``mean|X|`` of
    every group's input, plus the first batch's inputs, block calls and float block outputs (the
-   search data: about ``search_tokens`` tokens);
-2. per group, the method picks ``s`` (and FPTQ the activation mode), then AWQ/AQAS pick a clip
-   ratio per output channel on the same tokens;
-3. all folds are applied (norm weights, source-linear rows), then every linear is quantized.
+   search data: about ``search_tokens`` tokens). Skipped when neither the method nor the rounding
+   needs activations (RTN with per-token activations): then no calibration forward runs at all;
+2. per group, the run's method object (``calibrate/methods/``) picks ``s`` and the activation
+   mode, then searching methods (AWQ/AQAS) pick a clip ratio per output channel on the same tokens;
+3. all folds are applied (norm weights, source-linear rows), then every linear is rounded by the
+   run's rounding step (``rtn`` or ``gptq``).
    Folding into a source linear rescales whole output rows of it, which leaves its quantization
    unchanged, so the order of groups does not matter;
 4. with ``propagate="quantized"`` the layer is run again with fake-quantized weights and INT8
@@ -29,9 +31,9 @@ from w4a8_dint.formats import CodeTable
 
 from .arch import FOLD_EXPLICIT, LayerStructure, SmoothingGroup, call_with_input, constrain, first_tensor, fold_into_source, scale_linear_inputs
 from .recipe import CalibrationConfig
+from .methods import GroupContext
 from .search import (
-    ScaleStats, fake_quantize_activation_fast, fake_quantize_weight, lae_scale, normalize, quantize_rows, search_row_clip, search_scale,
-    smoothquant_scale, static_input_scale, weight_channel_stats,
+    ScaleStats, fake_quantize_activation_fast, fake_quantize_weight, search_row_clip, static_input_scale, weight_channel_stats,
 )
 from .stream import CalibrationError, LayerCall
 
@@ -77,7 +79,7 @@ class LayerResult:
     tensors: dict[str, torch.Tensor]  # checkpoint tensors of this layer (full names)
     policies: dict[str, LayerPolicy]  # full linear name -> policy
     record: dict[str, Any]  # JSON-safe summary for quantization_config.calibration
-    next_hidden: list[torch.Tensor]
+    next_hidden: list[torch.Tensor]  # empty when the run collects no activations
     next_probe: torch.Tensor
 
 
@@ -168,49 +170,34 @@ class LayerCalibrator:
 
         return loss
 
-    def plan(self, layer: nn.Module, g: SmoothingGroup, cap: GroupCapture) -> GroupPlan:
-        cfg = self.cfg
-        method = cfg.method
-        weights = [layer.get_submodule(n).weight.detach().float() for n in g.linears]
-        w_absmean, w_absmax = weight_channel_stats(weights, self.group_size)
-        stats = ScaleStats(cap.absmean, cap.absmax, w_absmean, w_absmax)
-        v = float(cap.absmax.max())
-        record: dict[str, Any] = {"linears": list(g.linears), "fold": g.fold, "source": g.source, "max_abs_x": _round(v)}
-        can_smooth = not any(self.skip(n) for n in g.linears)
-        cons = lambda s: constrain(s, g.channel_map)  # noqa: E731
-        act_mode = cfg.act_mode
-        scale = None
-        if method == "smoothquant" and can_smooth:
-            scale = normalize(cons(smoothquant_scale(cap.absmax, w_absmax, cfg.smoothquant_alpha)))
-        elif method == "fptq":
-            lo, hi = cfg.fptq_bounds
-            if v < lo:
-                act_mode, rule = "per-tensor", "static"
-            elif v < hi and can_smooth:
-                act_mode, rule = "per-tensor", "lae+static"
-                scale = cons(lae_scale(cap.absmax))
-            else:
-                act_mode, rule = "per-token", "dynamic"
-            record["fptq"] = rule
-        elif method in ("awq", "aqas"):
-            quant_act = cfg.loss_quantizes_activations
-            loss = self._loss_fn(layer, g, cap, act_mode, quant_act)
-            families = cfg.families if can_smooth else ()
-            choice = search_scale(families, cfg.alpha_grid, stats, loss, cons, full_grid=cfg.alpha_search == "full")
-            scale = None if choice.family == "none" else choice.scale
-            record.update(family=choice.family, alpha=choice.alpha,
-                          loss_vs_unsmoothed=_round(choice.loss / max(choice.identity_loss, 1e-30)))
-        plan = GroupPlan(scale, act_mode, record=record)
-        if cfg.searches_scales:
+    def plan(self, layer: nn.Module, g: SmoothingGroup, cap: GroupCapture | None) -> GroupPlan:
+        """The method's choice for one group; ``cap`` is None when the run collects no activations."""
+        method = self.cfg.method_impl
+        record: dict[str, Any] = {"linears": list(g.linears), "fold": g.fold, "source": g.source}
+        stats, v = None, float("nan")
+        if cap is not None:
+            weights = [layer.get_submodule(n).weight.detach().float() for n in g.linears]
+            w_absmean, w_absmax = weight_channel_stats(weights, self.group_size)
+            stats = ScaleStats(cap.absmean, cap.absmax, w_absmean, w_absmax)
+            v = float(cap.absmax.max())
+            record["max_abs_x"] = _round(v)
+        ctx = GroupContext(
+            cfg=self.cfg, stats=stats, max_abs_x=v, can_smooth=not any(self.skip(n) for n in g.linears),
+            constrain=lambda s: constrain(s, g.channel_map),
+            loss=lambda act_mode, quantize_act: self._loss_fn(layer, g, cap, act_mode, quantize_act))
+        choice = method.choose(ctx)
+        record.update(choice.record)
+        plan = GroupPlan(choice.scale, choice.act_mode, record=record)
+        if method.searches_scales:
             self._search_clips(layer, g, cap, plan)
-        record["act_mode"] = act_mode
+        record["act_mode"] = choice.act_mode
         return plan
 
     def _search_clips(self, layer: nn.Module, g: SmoothingGroup, cap: GroupCapture, plan: GroupPlan) -> None:
         x = cap.x.reshape(-1, cap.x.shape[-1]).float()
         s = plan.scale
         xs = x if s is None else x / s
-        if self.cfg.loss_quantizes_activations:
+        if self.cfg.method_impl.loss_quantizes_activations:
             inp = static_input_scale(cap.absmax, s).to(x.device) if plan.act_mode == "per-tensor" else None
             xs = fake_quantize_activation_fast(xs, plan.act_mode, inp)
         clips = {}
@@ -229,9 +216,13 @@ class LayerCalibrator:
     @torch.no_grad()
     def calibrate(self, layer: nn.Module, layer_name: str, structure: LayerStructure, hidden: list[torch.Tensor],
                   calls: list[LayerCall], probe: torch.Tensor, probe_call: LayerCall) -> LayerResult:
-        keep_fp = self.cfg.propagate == "float"
+        collect = self.cfg.needs_activations
+        keep_fp = self.cfg.propagate == "float" or not collect
         next_probe_fp = probe_call(layer, probe) if keep_fp else None  # float output, before any change
-        caps, fp_outputs, fp_first = self.capture(layer, layer_name, structure, hidden, calls, keep_fp)
+        if collect:
+            caps, fp_outputs, fp_first = self.capture(layer, layer_name, structure, hidden, calls, keep_fp)
+        else:  # nothing to measure: no calibration forward (the probe above feeds the next layer's structure)
+            caps, fp_outputs, fp_first = {g.name: None for g in structure.groups}, [], None
         plans = {g.name: self.plan(layer, g, caps[g.name]) for g in structure.groups}
 
         for g in structure.groups:
@@ -240,6 +231,7 @@ class LayerCalibrator:
                 fold_into_source(layer, g, p.scale)
                 scale_linear_inputs(layer, g, p.scale)
 
+        hessians: dict[str, torch.Tensor] = {}
         tensors: dict[str, torch.Tensor] = {}
         policies: dict[str, LayerPolicy] = {}
         hooks = []
@@ -248,11 +240,11 @@ class LayerCalibrator:
             p = plans[g.name]
             explicit = p.scale is not None and g.fold == FOLD_EXPLICIT
             input_scale = static_input_scale(caps[g.name].absmax, p.scale) if p.act_mode == "per-tensor" else None
-            for n in g.linears:
-                if self.skip(n):
-                    continue
+            weights = {n: layer.get_submodule(n).weight.detach() for n in g.linears if not self.skip(n)}
+            rounded = self.cfg.rounding_impl.quantize_group(weights, self.table, self.group_size, p.row_clip,
+                                                            hessians.get(g.name), self.cfg)
+            for n, qw in rounded.items():
                 lin = layer.get_submodule(n)
-                qw = quantize_rows(lin.weight.detach(), self.table, self.group_size, p.row_clip.get(n))
                 full = f"{layer_name}.{n}"
                 tensors[f"{full}.{QWEIGHT}"] = qw.packed.cpu()
                 tensors[f"{full}.{WEIGHT_SCALE}"] = qw.scales.cpu()
@@ -269,23 +261,33 @@ class LayerCalibrator:
             if n not in quantized_weights:
                 tensors[f"{layer_name}.{n}"] = prm.detach().cpu().clone()
 
+        quantized_probe = self.cfg.propagate == "quantized" or not collect
         try:
-            if self.cfg.propagate == "quantized":
+            if not collect:
+                next_hidden, q_first = [], None
+            elif self.cfg.propagate == "quantized":
                 next_hidden = [call(layer, h) for h, call in zip(hidden, calls)]
                 q_first = next_hidden[0]
             else:
                 next_hidden = fp_outputs
                 q_first = calls[0](layer, hidden[0])
-            next_probe = probe_call(layer, probe) if self.cfg.propagate == "quantized" else next_probe_fp
+            next_probe = probe_call(layer, probe) if quantized_probe else next_probe_fp
         finally:
             for hd in hooks:
                 hd.remove()
         for h in next_hidden:
             if not torch.isfinite(h).all():
                 raise CalibrationError(f"{layer_name}: non-finite outputs after quantization")
-        delta_fp = (fp_first - hidden[0]).float()
-        rel = float((q_first.float() - fp_first.float()).pow(2).sum() / delta_fp.pow(2).sum().clamp(min=1e-30))
-        record = {"layer_rel_error": _round(rel), "groups": [plans[g.name].record for g in structure.groups]}
+        record: dict[str, Any] = {}
+        if collect:
+            delta_fp = (fp_first - hidden[0]).float()
+            rel = float((q_first.float() - fp_first.float()).pow(2).sum() / delta_fp.pow(2).sum().clamp(min=1e-30))
+            record["layer_rel_error"] = _round(rel)
+        else:  # the probe (a few tokens, traced for structure) is all this run computed
+            delta_fp = (next_probe_fp - probe).float()
+            rel = float((next_probe.float() - next_probe_fp.float()).pow(2).sum() / delta_fp.pow(2).sum().clamp(min=1e-30))
+            record["probe_rel_error"] = _round(rel)
+        record["groups"] = [plans[g.name].record for g in structure.groups]
         return LayerResult(tensors, policies, record, next_hidden, next_probe)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from w4a8_dint.config import METHODS
+from w4a8_dint.method_names import METHODS, ROUNDINGS
 from w4a8_dint.formats import FORMATS, PER_CHANNEL, DEFAULT_FORMAT
 from w4a8_dint.reference import ACT_MODES
 
@@ -24,8 +24,6 @@ CLIP_GRID: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 SCALE_FAMILIES: tuple[str, ...] = ("mean", "max")
 # FPTQ layer policy bounds on max|X| (paper: v0 = 15, v1 = 150).
 FPTQ_BOUNDS: tuple[float, float] = (15.0, 150.0)
-# FPTQ's group-wise weights: 128 by default, else the largest of these that divides every K.
-FPTQ_GROUP_CANDIDATES: tuple[int, ...] = (128, 64, 32)
 PROPAGATION_MODES = ("quantized", "float")
 ALPHA_SEARCHES = ("coarse-to-fine", "full")
 DEFAULT_SEQ_LEN = 512  # the language-modelling eval window; SLAC replaces it with the task's length
@@ -39,10 +37,11 @@ class RecipeError(ValueError):
 class CalibrationConfig:
     """What ``calibrate`` does. ``None`` fields are resolved per method (see :meth:`resolved`)."""
 
-    method: str = "aqas"
+    method: str = "aqas"  # a name in the methods registry (calibrate/methods/)
+    rounding: str = "rtn"  # weight rounding after the method's scales/clips: "rtn" or "gptq"
     format: str = DEFAULT_FORMAT
-    # None -> per channel (-1) for rtn/smoothquant/awq/aqas; FPTQ: 128, or the largest of 128/64/32
-    # dividing every K (a note is printed). An explicit value is never changed.
+    # None -> the method's default (per channel; FPTQ: 128, or the largest of 128/64/32 dividing
+    # every K, with a note). An explicit value is never changed.
     group_size: int | None = None
     act_mode: str = "per-token"  # fptq ignores it: its policy is chosen per layer
     dataset: str = "c4"
@@ -53,7 +52,7 @@ class CalibrationConfig:
     # -- search (aqas / awq) ---------------------------------------------------------------
     alpha_grid: tuple[float, ...] = ALPHA_GRID
     alpha_search: str = "coarse-to-fine"  # or "full": every grid point
-    scale_families: tuple[str, ...] | None = None  # None -> aqas: ("mean", "max"); awq: ("mean",)
+    scale_families: tuple[str, ...] | None = None  # None -> the method's (aqas: ("mean", "max"); awq: ("mean",))
     clip_grid: tuple[float, ...] = CLIP_GRID
     # Tokens the search losses see: the first calibration batch holds about this many tokens
     # (whole sequences, because attention needs them). Statistics use every sample. 2048 gave
@@ -89,6 +88,7 @@ class CalibrationConfig:
                 raise RecipeError(msg)
 
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        need(self.rounding in ROUNDINGS, f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         need(self.format in FORMATS, f"format must be one of {tuple(FORMATS)}, got {self.format!r}")
         need(self.group_size is None or self.group_size == PER_CHANNEL or self.group_size > 0,
              f"group size must be a positive integer or -1 (per channel), got {self.group_size}")
@@ -114,21 +114,38 @@ class CalibrationConfig:
         need(self.max_layers is None or self.max_layers >= 1, f"max_layers must be >= 1, got {self.max_layers}")
         need(self.num_threads is None or self.num_threads >= 1, f"num_threads must be >= 1, got {self.num_threads}")
 
-    # -- method defaults -----------------------------------------------------------------------
+    # -- method defaults (from the method's plug-in object) ---------------------------------------
+    @property
+    def method_impl(self):
+        from .methods import get_method
+
+        return get_method(self.method)
+
+    @property
+    def rounding_impl(self):
+        from .methods import get_rounding
+
+        return get_rounding(self.rounding)
+
     @property
     def families(self) -> tuple[str, ...]:
         if self.scale_families is not None:
             return self.scale_families
-        return ("mean",) if self.method == "awq" else SCALE_FAMILIES
+        return self.method_impl.scale_families
 
     @property
     def searches_scales(self) -> bool:
-        return self.method in ("aqas", "awq")
+        return self.method_impl.searches_scales
 
     @property
     def loss_quantizes_activations(self) -> bool:
         """AQAS's point: the search loss sees INT8 activations; AWQ's loss is weight-only."""
-        return self.method == "aqas"
+        return self.method_impl.loss_quantizes_activations
+
+    @property
+    def needs_activations(self) -> bool:
+        """False when neither the method nor the rounding uses activations: no calibration forward runs."""
+        return self.method_impl.needs_activations(self) or self.rounding_impl.needs_hessian
 
     def to_record(self) -> dict[str, Any]:
         """The settings worth keeping in ``quantization_config.calibration`` (JSON-safe)."""
@@ -138,29 +155,15 @@ class CalibrationConfig:
         d["scale_families"] = list(self.families)
         for k in ("alpha_grid", "clip_grid", "fptq_bounds"):
             d[k] = list(d[k])
-        if self.method != "fptq":
-            d.pop("fptq_bounds")
-        if self.method != "smoothquant":
-            d.pop("smoothquant_alpha")
-        if not self.searches_scales:
-            for k in ("alpha_grid", "alpha_search", "scale_families", "clip_grid"):
-                d.pop(k)
+        from .methods import REGISTRY, ROUNDING_REGISTRY
+
+        # keep only the method- and rounding-specific fields this run used
+        own = set(self.method_impl.recipe_fields) | set(self.rounding_impl.recipe_fields)
+        for impl in (*REGISTRY.values(), *ROUNDING_REGISTRY.values()):
+            for k in impl.recipe_fields:
+                if k not in own:
+                    d.pop(k, None)
         return d
-
-
-def fptq_group_size(in_features: list[int], note: list[str] | None = None) -> int:
-    """FPTQ's default group: 128 if it divides every K, else the largest of 64/32 that does."""
-    for g in FPTQ_GROUP_CANDIDATES:
-        if all(k % g == 0 for k in in_features):
-            if g != FPTQ_GROUP_CANDIDATES[0] and note is not None:
-                note.append(
-                    f"FPTQ group size: 128 does not divide every input dimension ({sorted(set(in_features))}); "
-                    f"using {g} (pass --group-size to choose)"
-                )
-            return g
-    if note is not None:
-        note.append(f"FPTQ group size: none of {FPTQ_GROUP_CANDIDATES} divides every K; using per channel (-1)")
-    return PER_CHANNEL
 
 
 def resolve_group_size(cfg: CalibrationConfig, in_features: list[int], note: list[str] | None = None) -> int:
@@ -168,11 +171,13 @@ def resolve_group_size(cfg: CalibrationConfig, in_features: list[int], note: lis
     from w4a8_dint.formats import resolve_group_size as check
 
     if cfg.group_size is None:
-        return fptq_group_size(in_features, note) if cfg.method == "fptq" else PER_CHANNEL
+        return cfg.method_impl.default_group_size(in_features, note)
     for k in sorted(set(in_features)):
         check(k, cfg.group_size)  # raises FormatError naming K and the sizes that divide it
     return cfg.group_size
 
+
+from .methods.fptq import fptq_group_size  # noqa: E402  (re-export; the rule lives with FPTQ)
 
 __all__ = [
     "ALPHA_GRID", "CLIP_GRID", "SCALE_FAMILIES", "FPTQ_BOUNDS", "DEFAULT_SEQ_LEN", "CalibrationConfig",

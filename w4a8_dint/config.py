@@ -34,6 +34,7 @@ from .formats import (
     resolve_group_size,
     unpack_group_mult,
 )
+from .method_names import METHODS, ROUNDINGS
 from .reference import ACT_MODES
 
 QUANT_METHOD = "w4a8-dint"
@@ -46,7 +47,6 @@ SMOOTH_SCALE = "smooth_scale"
 WEIGHT_GROUP_MULT = "weight_group_mult"
 BIAS = "bias"
 
-METHODS = ("rtn", "smoothquant", "awq", "aqas", "fptq")
 DEFAULT_MODULES_TO_NOT_CONVERT = ("lm_head",)
 
 
@@ -77,6 +77,7 @@ class W4A8Config:
     layers: dict[str, LayerPolicy] = field(default_factory=dict)
     modules_to_not_convert: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES_TO_NOT_CONVERT))
     method: str = "rtn"
+    rounding: str = "rtn"  # how weights were rounded onto the table (checkpoints before it existed: "rtn")
     calibration: dict[str, Any] = field(default_factory=dict)
     version: int = CONFIG_VERSION
 
@@ -92,6 +93,8 @@ class W4A8Config:
             raise ConfigError("two-level scales need a group size (per channel already has one scale per row)")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         self.layers = {k: v if isinstance(v, LayerPolicy) else LayerPolicy(**v) for k, v in self.layers.items()}
 
     @property
@@ -122,6 +125,7 @@ class W4A8Config:
             "layers": {k: asdict(v) for k, v in sorted(self.layers.items())},
             "modules_to_not_convert": list(self.modules_to_not_convert),
             "method": self.method,
+            "rounding": self.rounding,
             "calibration": dict(self.calibration),
         }
 
@@ -150,6 +154,7 @@ class W4A8Config:
                 layers={k: LayerPolicy(**v) for k, v in (d.get("layers") or {}).items()},
                 modules_to_not_convert=list(d.get("modules_to_not_convert") or []),
                 method=d.get("method", "rtn"),
+                rounding=d.get("rounding", "rtn"),
                 calibration=dict(d.get("calibration") or {}),
                 version=version,
             )

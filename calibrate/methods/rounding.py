@@ -1,0 +1,49 @@
+"""Weight rounding: the step after a method chose scales and clips, composable with any method.
+
+* ``rtn``  -- every weight to the nearest table value (``formats.quantize_weight``);
+* ``gptq`` -- columns rounded one at a time onto the same table with the same group scales, each
+  column's rounding error compensated on the not-yet-rounded columns through the inverse Hessian
+  of the group's inputs (``calibrate/gptq.py``). Needs the layer inputs, so it turns the
+  calibration forward on even for RTN-with-per-token runs.
+
+Linears that read one input (q/k/v, gate/up) share the Hessian and are rounded as one stacked
+weight (output rows are independent given the Hessian).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from w4a8_dint.formats import CodeTable, QuantizedWeight
+
+    from ..recipe import CalibrationConfig
+
+class Rounding:
+    name: str = ""
+    summary: str = ""
+    needs_hessian: bool = False
+    recipe_fields: tuple[str, ...] = ()
+
+    def quantize_group(self, weights: dict[str, "torch.Tensor"], table: "CodeTable", group_size: int,
+                       row_clip: dict[str, "torch.Tensor"], hessian: "torch.Tensor | None",
+                       cfg: "CalibrationConfig") -> dict[str, "QuantizedWeight"]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<rounding {self.name}>"
+
+
+class RoundToNearest(Rounding):
+    name = "rtn"
+    summary = "round every weight to the nearest table value (default)"
+
+    def quantize_group(self, weights, table, group_size, row_clip, hessian, cfg):
+        from ..search import quantize_rows
+
+        return {n: quantize_rows(w, table, group_size, row_clip.get(n)) for n, w in weights.items()}
+
+
+ROUNDING_REGISTRY: dict[str, Rounding] = {r.name: r for r in (RoundToNearest(),)}
