@@ -46,6 +46,13 @@ PEER_PACKAGES = (f"llmcompressor=={PEER_VERSION}", "compressed-tensors==0.19.0",
                  "pandas", "xxhash", "multiprocess<0.70.20")
 RESULTS = Path(__file__).resolve().parent / "results" / "peer_llmcompressor.json"
 RECIPES = ("rtn", "gptq", "sq-gptq", "awq")
+# Our side, run in the same invocation on the same windows: name -> CalibrationConfig overrides.
+OURS = {
+    "ours-rtn": {"method": "rtn"},
+    "ours-aqas": {"method": "aqas"},
+    "ours-gptq": {"method": "rtn", "rounding": "gptq"},
+    "ours-aqas-gptq": {"method": "aqas", "rounding": "gptq"},
+}
 SMOOTHQUANT_STRENGTH = 0.8
 
 
@@ -130,7 +137,34 @@ def _act_quant(model, enabled: bool) -> int:
     return n
 
 
+def ours_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """Our calibrator on the same windows, scored through our HF quantizer with the same harness."""
+    import tempfile
+
+    import torch
+
+    from w4a8_dint.calibrate.api import calibrate
+    from w4a8_dint.calibrate.recipe import CalibrationConfig
+    from w4a8_dint.embedded import load_text
+    from w4a8_dint.hf_integration.eval import load_hf, perplexity
+
+    cfg = CalibrationConfig(dataset=job["dataset"], samples=job["samples"], seq_len=job["seq_len"], seed=job["seed"],
+                            group_size=job["group_size"], num_threads=job.get("threads"), progress=False,
+                            **OURS[job["recipe"]])
+    with tempfile.TemporaryDirectory(prefix="w4a8-ours-") as tmp:
+        t0, c0 = time.perf_counter(), time.process_time()
+        calibrate(job["model"], Path(tmp) / "ckpt", cfg)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        model, tok = load_hf(Path(tmp) / "ckpt", "float32")
+        with torch.no_grad():
+            ppl = {d: perplexity(model, tok, load_text(d), job["eval_seq_len"], max_tokens=job["eval_tokens"],
+                                 add_bos=job["add_bos"], desc=d)["ppl"] for d in job["datasets"]}
+    return {"ppl": ppl, "calib_wall_s": wall, "calib_cpu_s": cpu, "peak_rss_mb": _rss_mb()}
+
+
 def worker(job: dict[str, Any]) -> dict[str, Any]:
+    if job["recipe"] in OURS:
+        return ours_worker(job)
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -179,8 +213,9 @@ def _model_path(name: str) -> str:
 
 
 def run_job(job: dict[str, Any], peer: Path) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(peer), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if job["recipe"] not in OURS:  # the peer's compressed-tensors 0.19 must not shadow ours in our runs
+        env["PYTHONPATH"] = os.pathsep.join([str(peer), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
@@ -195,10 +230,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         if "error" in r["result"]:
             out.append(f"| {r['model_name']} | {r['group_size']} | {r['recipe']} | error: {r['result']['error'][:60]} |||||")
             continue
-        p, p16, res = r["result"]["ppl"], r["result"]["ppl_w4a16_same_weights"], r["result"]
+        res = r["result"]
+        p, p16 = res["ppl"], res.get("ppl_w4a16_same_weights", {})
+        effect = res.get("act_quant_effect", {}).get("ptb")
         out.append(f"| {r['model_name']} | {r['group_size']} | {r['recipe']} | {p.get('ptb', float('nan')):.2f} | "
                    f"{p.get('c4', float('nan')):.2f} | {p16.get('ptb', float('nan')):.2f} | "
-                   f"{100 * res['act_quant_effect'].get('ptb', float('nan')):+.1f}% | {res['calib_wall_s']:.0f} | "
+                   f"{'-' if effect is None else f'{100 * effect:+.1f}%'} | {res['calib_wall_s']:.0f} | "
                    f"{res['peak_rss_mb']:.0f} |")
     return "\n".join(out)
 
@@ -209,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2", help="smollm2 (embedded) or a local HF model dir")
     p.add_argument("--add-bos", action="store_true", help="prepend BOS when scoring (Gemma)")
     p.add_argument("--groups", default="-1,64", help="comma list of group sizes (-1 = per channel)")
-    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--recipes", default=",".join(RECIPES),
+                   help=f"comma list of peer recipes {RECIPES} and/or ours {tuple(OURS)}")
     p.add_argument("--dataset", default="c4")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
@@ -227,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         for g in groups:
             for r in recipes:
-                print(g, r, json.dumps(recipe_spec(r, g)))
+                print(g, r, json.dumps(OURS[r] if r in OURS else recipe_spec(r, g)))
         return 0
     peer = install_peer(peer_dir())
     model = _model_path(args.model)
