@@ -19,22 +19,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import (
-    INPUT_SCALE,
-    QUANT_METHOD,
-    QWEIGHT,
-    SMOOTH_SCALE,
-    WEIGHT_SCALE,
-    ConfigError,
-    W4A8Config,
+from .config import QUANT_METHOD, QWEIGHT, W4A8Config
+from .contract import (  # noqa: F401  (CheckpointError, SAFE_INDEX, SINGLE_FILE: re-exported for importers)
+    RULES_BY_SUFFIX,
+    SAFE_INDEX,
+    SINGLE_FILE,
+    CheckpointError,
+    ModelStructure,
+    check,
+    check_loaded_tensor,
+    layer_dims,
+    read_checkpoint_config,
+    read_hf_config,
+    read_tensors,
+    weight_map,
 )
-from .formats import resolve_group_size
 
-SAFE_INDEX = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 # Files copied verbatim from the source model so the checkpoint is self-contained.
 SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -42,8 +44,23 @@ SIDE_FILES = (
 )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not match its config."""
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+def apply_default_permissions(root: Path) -> None:
+    """Dirs ``0o777 & ~umask``, files ``0o666 & ~umask`` (0755 / 0644 under umask 022), like save_pretrained.
+
+    mkdtemp creates 0700 and copied side files keep their source mode; a checkpoint must be readable by
+    whoever the umask allows (a serving account), exactly as if it had been written in place.
+    """
+    mask = current_umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 @contextmanager
@@ -56,6 +73,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield tmp
+        apply_default_permissions(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)
@@ -106,8 +124,14 @@ def write_checkpoint(
     source_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
+    model_structure: ModelStructure | None = None,
 ) -> Path:
-    """Atomically write a quantized checkpoint: shards, config.json with quantization_config, side files."""
+    """Atomically write a quantized checkpoint: shards, config.json with quantization_config, side files.
+
+    The checkpoint contract (:func:`w4a8_dint.contract.check`) runs on the temp dir before the rename, so
+    nothing a loader would refuse ever appears at ``out_dir``. ``model_structure``: the architecture to check
+    against when the caller has the model built already (default: built on meta from the config).
+    """
     cfg = dict(hf_config)
     cfg["quantization_config"] = qconfig.to_dict()
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -118,139 +142,50 @@ def write_checkpoint(
                 src = Path(source_dir) / f
                 if src.is_file():
                     shutil.copy2(src, tmp / f)
-        validate_checkpoint(tmp)
+        validate_checkpoint(tmp, model_structure)
     return Path(out_dir).resolve()
 
 
-# -- reading ----------------------------------------------------------------------------
+# -- reading: the contract's one reader and one config reader, under their old names ---------------
 
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{model_dir}: no config.json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    return read_hf_config(model_dir)
 
 
 def read_qconfig(model_dir: str | os.PathLike) -> W4A8Config:
-    cfg = read_config(model_dir)
-    if "quantization_config" not in cfg:
-        raise CheckpointError(f"{model_dir}: config.json has no quantization_config (not a w4a8-dint checkpoint)")
-    try:
-        return W4A8Config.from_dict(cfg["quantization_config"])
-    except ConfigError as e:
-        raise CheckpointError(f"{model_dir}: {e}") from e
+    return read_checkpoint_config(model_dir)[1]
 
 
 def shard_files(model_dir: str | os.PathLike) -> dict[str, str]:
     """Map tensor name -> shard file, checking every shard the index names exists."""
-    d = Path(model_dir)
-    index = d / SAFE_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: malformed safetensors index ({e})") from e
-        missing = sorted({f for f in weight_map.values() if not (d / f).is_file()})
-        if missing:
-            raise CheckpointError(f"{model_dir}: missing shard(s) named in the index: {missing}")
-        return dict(weight_map)
-    single = d / SINGLE_FILE
-    if not single.is_file():
-        if list(d.glob("*.bin")) or list(d.glob("*.pt")):
-            raise CheckpointError(f"{model_dir}: only pickle weights (*.bin/*.pt) found; w4a8-dint reads safetensors only")
-        raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {SAFE_INDEX}")
-    with _open(single) as f:
-        return {k: SINGLE_FILE for k in f.keys()}
-
-
-@contextmanager
-def _open(path: Path):
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            yield f
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises SafetensorError / OSError on truncation and corruption
-        raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+    return weight_map(model_dir)
 
 
 def load_tensors(model_dir: str | os.PathLike, names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Load (some of) a checkpoint's tensors, with clear errors for missing names or bad files."""
-    wmap = shard_files(model_dir)
-    wanted = list(wmap) if names is None else names
-    missing = [n for n in wanted if n not in wmap]
-    if missing:
-        raise CheckpointError(f"{model_dir}: tensors missing from checkpoint: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    by_file: dict[str, list[str]] = {}
-    for n in wanted:
-        by_file.setdefault(wmap[n], []).append(n)
-    out = {}
-    for fname, ns in by_file.items():
-        with _open(Path(model_dir) / fname) as f:
-            for n in ns:
-                try:
-                    out[n] = f.get_tensor(n)
-                except Exception as e:
-                    raise CheckpointError(f"{model_dir}/{fname}: cannot read tensor {n}: {e}") from e
-    return out
+    return read_tensors(model_dir, names)
 
 
 def quantized_prefixes(names: list[str] | Mapping[str, Any]) -> list[str]:
     return sorted(n[: -len("." + QWEIGHT)] for n in names if n.endswith("." + QWEIGHT))
 
 
-def validate_checkpoint(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """Check config and every quantized layer's tensors (names, dtypes, shapes, finiteness).
-
-    Returns a small report ``{"layers": int, "tensors": int, "format": str, "group_size": int}``;
-    raises :class:`CheckpointError` naming the first problem found.
-    """
-    qcfg = read_qconfig(model_dir)
-    tensors = load_tensors(model_dir)
-    prefixes = quantized_prefixes(tensors)
-    if not prefixes:
-        raise CheckpointError(f"{model_dir}: quantization_config present but no *.{QWEIGHT} tensors")
-    for p in prefixes:
-        check_layer_tensors(p, tensors, qcfg)
-    extra = [n for n in qcfg.layers if n not in prefixes]
-    if extra:
-        raise CheckpointError(f"{model_dir}: quantization_config.layers names layers without weights: {extra[:3]}")
-    return {"layers": len(prefixes), "tensors": len(tensors), "format": qcfg.format, "group_size": qcfg.group_size}
+def validate_checkpoint(model_dir: str | os.PathLike, model_structure: ModelStructure | None = None,
+                        trust_remote_code: bool = False) -> dict[str, Any]:
+    """Every rule of the checkpoint contract (:func:`w4a8_dint.contract.check`); returns its report."""
+    return check(model_dir, model_structure, trust_remote_code)
 
 
 def check_layer_tensors(prefix: str, tensors: Mapping[str, torch.Tensor], qcfg: W4A8Config) -> None:
-    """Raise CheckpointError if ``prefix``'s tensors disagree with the config (used by loaders too)."""
-    def get(suffix: str) -> torch.Tensor | None:
-        return tensors.get(f"{prefix}.{suffix}")
-
-    qw, ws = get(QWEIGHT), get(WEIGHT_SCALE)
-    if qw is None or ws is None:
-        raise CheckpointError(f"{prefix}: needs both {QWEIGHT} and {WEIGHT_SCALE}")
-    if qw.dtype != torch.uint8 or qw.dim() != 2:
-        raise CheckpointError(f"{prefix}.{QWEIGHT}: expected 2-D uint8, got {qw.dtype} {tuple(qw.shape)}")
-    n, k = qw.shape[0], qw.shape[1] * 2
-    try:
-        g = resolve_group_size(k, qcfg.group_size)
-    except ValueError as e:
-        raise CheckpointError(f"{prefix}: {e}") from e
-    if ws.dtype != torch.float32 or tuple(ws.shape) != (n, k // g):
-        raise CheckpointError(
-            f"{prefix}.{WEIGHT_SCALE}: expected float32 {(n, k // g)} for group size {qcfg.group_size}, "
-            f"got {ws.dtype} {tuple(ws.shape)}"
-        )
-    if not torch.isfinite(ws).all() or (ws < 0).any():
-        raise CheckpointError(f"{prefix}.{WEIGHT_SCALE}: non-finite or negative scales")
-    pol = qcfg.policy(prefix)
-    inp = get(INPUT_SCALE)
-    if pol.act_mode == "per-tensor":
-        if inp is None or inp.numel() != 1 or not torch.isfinite(inp).all() or float(inp.reshape(())) <= 0:
-            raise CheckpointError(f"{prefix}: per-tensor layer needs a positive finite scalar {INPUT_SCALE}")
-    sm = get(SMOOTH_SCALE)
-    if pol.smooth:
-        if sm is None or tuple(sm.shape) != (k,) or not torch.isfinite(sm).all() or (sm <= 0).any():
-            raise CheckpointError(f"{prefix}: {SMOOTH_SCALE} must be positive finite float [{k}]")
-    elif sm is not None:
-        raise CheckpointError(f"{prefix}: has {SMOOTH_SCALE} but the config says smooth=false")
+    """One layer's live tensors against the contract's table (dims read off its qweight)."""
+    qweight = tensors.get(f"{prefix}.{QWEIGHT}")
+    if qweight is None or qweight.dim() != 2:
+        raise CheckpointError(f"{prefix}: {QWEIGHT} missing or not 2-D")
+    dims = layer_dims(prefix, qweight.shape[0], qweight.shape[1] * 2, qcfg)
+    policy = qcfg.policy(prefix)
+    for suffix, rule in RULES_BY_SUFFIX.items():
+        t = tensors.get(f"{prefix}.{suffix}")
+        if rule.wanted(qcfg, policy) != (t is not None):
+            raise CheckpointError(f"{prefix}.{suffix}: {'missing' if t is None else 'present'}; it belongs to {rule.when}")
+        if t is not None:
+            check_loaded_tensor(f"{prefix}.{suffix}", suffix, t, dims, qcfg)

@@ -8,6 +8,12 @@ import torch
 from w4a8_dint import checkpoint as C
 from w4a8_dint import formats as F
 from w4a8_dint.config import ConfigError, LayerPolicy, W4A8Config
+from w4a8_dint.contract import ModelStructure
+
+# The architecture these synthetic checkpoints claim (the contract checks tensors against it); the
+# contract's own tests (test_contract.py) use real tiny transformers models instead.
+STRUCTURE = ModelStructure(linears={"a.proj": (16, 64, False), "b.proj": (16, 64, False)},
+                           params={"a.proj.weight": (16, 64), "b.proj.weight": (16, 64), "embed.weight": (10, 64)})
 
 
 def _layer_tensors(prefix, n=16, k=64, group=32, seed=0, smooth=False, static=False):
@@ -25,7 +31,8 @@ def _write(tmp_path, name="ckpt", **kw):
     qcfg = W4A8Config(group_size=32, layers={"a.proj": LayerPolicy("per-tensor", smooth=True)})
     tensors = {**_layer_tensors("a.proj", smooth=True, static=True), **_layer_tensors("b.proj", seed=1),
                "embed.weight": torch.randn(10, 64)}
-    return C.write_checkpoint(tmp_path / name, tensors, {"model_type": "llama"}, qcfg, **kw), tensors
+    return C.write_checkpoint(tmp_path / name, tensors, {"model_type": "llama"}, qcfg, model_structure=STRUCTURE,
+                              **kw), tensors
 
 
 def test_config_round_trip_keeps_the_table():
@@ -64,7 +71,8 @@ def test_write_read_validate_round_trip(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     back = C.load_tensors(out)
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
-    assert C.validate_checkpoint(out) == {"layers": 2, "tensors": 7, "format": "dint4-a", "group_size": 32}
+    assert C.validate_checkpoint(out, STRUCTURE) == {"layers": 2, "tensors": 7, "format": "dint4-a", "group_size": 32,
+                                                     "per_tensor": 1, "smooth": 1}
     assert not list(tmp_path.glob(".*partial*"))
 
 
@@ -72,7 +80,7 @@ def test_sharded_checkpoint_and_missing_shard(tmp_path):
     out, tensors = _write(tmp_path, max_shard_bytes=1500)
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 1 and (out / C.SAFE_INDEX).is_file()
-    assert C.validate_checkpoint(out)["tensors"] == len(tensors)
+    assert C.validate_checkpoint(out, STRUCTURE)["tensors"] == len(tensors)
     shards[-1].unlink()
     with pytest.raises(C.CheckpointError, match="missing shard"):
         C.load_tensors(out)
@@ -83,10 +91,10 @@ def test_truncated_and_corrupt_files_are_reported(tmp_path):
     f = out / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(C.CheckpointError, match="truncated or corrupt"):
-        C.validate_checkpoint(out)
+    with pytest.raises(C.CheckpointError, match="truncated safetensors file"):
+        C.validate_checkpoint(out, STRUCTURE)
     f.write_bytes(b"\xff" * 64)
-    with pytest.raises(C.CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(C.CheckpointError, match="corrupt or truncated"):
         C.load_tensors(out)
 
 
@@ -94,17 +102,17 @@ def test_config_weight_mismatches(tmp_path):
     qcfg = W4A8Config(group_size=32)
     good = _layer_tensors("p", group=32)
     C.check_layer_tensors("p", good, qcfg)
-    with pytest.raises(C.CheckpointError, match="expected float32"):
+    with pytest.raises(C.CheckpointError, match="p.weight_scale: expected F32"):
         C.check_layer_tensors("p", _layer_tensors("p", group=16), qcfg)  # scales for another group size
     bad = dict(good, **{"p.qweight": good["p.qweight"].to(torch.int8)})
-    with pytest.raises(C.CheckpointError, match="uint8"):
+    with pytest.raises(C.CheckpointError, match="p.qweight: expected U8"):
         C.check_layer_tensors("p", bad, qcfg)
     nan = dict(good, **{"p.weight_scale": good["p.weight_scale"].clone().fill_(float("nan"))})
     with pytest.raises(C.CheckpointError, match="non-finite"):
         C.check_layer_tensors("p", nan, qcfg)
-    with pytest.raises(C.CheckpointError, match="per-tensor layer needs"):
+    with pytest.raises(C.CheckpointError, match=r"p.input_scale: missing; it belongs to per-tensor"):
         C.check_layer_tensors("p", good, W4A8Config(group_size=32, layers={"p": LayerPolicy("per-tensor")}))
-    with pytest.raises(C.CheckpointError, match="smooth=false"):
+    with pytest.raises(C.CheckpointError, match=r"p.smooth_scale: present; it belongs to layers with smooth=true"):
         C.check_layer_tensors("p", _layer_tensors("p", smooth=True), qcfg)
     with pytest.raises(C.CheckpointError, match="does not divide"):
         C.check_layer_tensors("p", good, W4A8Config(group_size=48))
@@ -123,7 +131,7 @@ def test_existing_target_needs_overwrite(tmp_path):
     with pytest.raises(FileExistsError):
         _write(tmp_path)
     _write(tmp_path, overwrite=True)
-    assert C.validate_checkpoint(out)["layers"] == 2
+    assert C.validate_checkpoint(out, STRUCTURE)["layers"] == 2
 
 
 def test_pickle_only_dir_is_refused(tmp_path):
