@@ -26,6 +26,7 @@ from w4a8_dint.config import LayerPolicy, W4A8Config
 from w4a8_dint.embedded import DEFAULT_MODEL_NAME, resolve_model
 from w4a8_dint.formats import CodeTable, get_format
 
+from . import preflight
 from .arch import infer_structure
 from .data import calibration_data
 from .layer import LayerCalibrator
@@ -76,11 +77,6 @@ def _resolve_seq_len(cfg: CalibrationConfig, tokenizer) -> tuple[int, dict[str, 
     return DEFAULT_SEQ_LEN, {}
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
-
-
 def calibrate(model: str | Path | None, out_dir: str | Path, cfg: CalibrationConfig | None = None) -> Path:
     """Quantize ``model`` with ``cfg`` and write a w4a8-dint checkpoint to ``out_dir``; returns its path."""
     cfg = cfg or CalibrationConfig()
@@ -88,7 +84,8 @@ def calibrate(model: str | Path | None, out_dir: str | Path, cfg: CalibrationCon
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     try:
-        return _calibrate(model, out_dir, cfg)
+        with preflight.stop_on_signals():  # SIGTERM/SIGINT unwind through the temp-dir cleanup
+            return _calibrate(model, out_dir, cfg)
     finally:
         torch.set_num_threads(threads)
 
@@ -109,13 +106,15 @@ class _Run:
         return lambda linear: self.rules.is_skipped(f"{layer_name}.{linear}")
 
 
-def _prepare(model: str | Path | None, cfg: CalibrationConfig) -> _Run:
+def _prepare(model: str | Path | None, out: Path, cfg: CalibrationConfig) -> _Run:
     """Skeleton, scope and group size: everything that can fail fast, before data is read."""
     model_dir = resolve_model_dir(model)
+    preflight.check_output_vs_source(out, model_dir)
     skeleton = build_skeleton(model_dir, cfg.trust_remote_code)
     n = skeleton.num_layers if cfg.max_layers is None else min(cfg.max_layers, skeleton.num_layers)
     not_convert = list(cfg.modules_to_not_convert) + [skeleton.layer_prefix(i) for i in range(n, skeleton.num_layers)]
     rules = W4A8Config(modules_to_not_convert=not_convert)
+    preflight.check_architecture(skeleton, rules, n)
     in_features = [m.in_features for i in range(n) for name, m in skeleton.layers[i].named_modules()
                    if isinstance(m, torch.nn.Linear) and not rules.is_skipped(f"{skeleton.layer_prefix(i)}.{name}")]
     notes: list[str] = []
@@ -179,14 +178,22 @@ def _quantize_layers(run: _Run, stream: LayerStream, batches: _Batches, cfg: Cal
 @torch.no_grad()
 def _calibrate(model: str | Path | None, out_dir: str | Path, cfg: CalibrationConfig) -> Path:
     out = Path(out_dir).resolve()
-    _check_out_dir(out, cfg.overwrite)
+    preflight.check_output(out, cfg.overwrite)
+    preflight.check_dataset(cfg.dataset)
     start = time.perf_counter()
-    run = _prepare(model, cfg)
+    run = _prepare(model, out, cfg)
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run.model_dir, trust_remote_code=cfg.trust_remote_code)
     seq_len, slac_record = _resolve_seq_len(cfg, tokenizer)
+    preflight.check_seq_len(seq_len, run.skeleton.config)
+    with preflight.claim_output(out, cfg.overwrite, lambda line: print(line, file=sys.stderr, flush=True)):
+        return _run(run, out, cfg, model, tokenizer, seq_len, slac_record, start)
+
+
+def _run(run: _Run, out: Path, cfg: CalibrationConfig, model, tokenizer, seq_len: int, slac_record: dict[str, Any],
+         start: float) -> Path:
     # Without activations only the probe's tokens are used: one window is enough.
     data = calibration_data(tokenizer, cfg.dataset, cfg.samples if cfg.needs_activations else 1, seq_len, cfg.seed)
     device = _device(cfg)

@@ -70,7 +70,7 @@ def _config(args: argparse.Namespace):
 
     return CalibrationConfig(
         method=args.method, rounding=args.rounding, format=args.format, group_size=args.group_size, act_mode=args.act_mode,
-        dataset=args.dataset, samples=args.samples, seq_len=args.seq_len or args.target_len,
+        dataset=args.dataset, samples=args.samples, seq_len=args.seq_len if args.seq_len is not None else args.target_len,
         target_task=args.target_task, seed=args.seed, alpha_grid=args.alpha_grid or ALPHA_GRID, alpha_search=args.alpha_search,
         clip_grid=args.clip_grid or CLIP_GRID, search_tokens=args.search_tokens, smoothquant_alpha=args.alpha,
         propagate=args.propagate, max_layers=args.max_layers, device=args.device, num_threads=args.threads,
@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from .api import calibrate, resolve_model_dir
     from .arch import UnsupportedArchitecture
     from .data import CalibrationDataError
+    from .preflight import Interrupted
     from .recipe import RecipeError
     from .slac import UnknownTask
     from .stream import CalibrationError
@@ -124,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
             DataUnavailable, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"error: {e}; temp files removed, nothing written", file=sys.stderr)
+        return 128 + e.signum
     from w4a8_dint.checkpoint import read_qconfig
 
     q = read_qconfig(out)
