@@ -33,7 +33,8 @@ from .arch import FOLD_EXPLICIT, LayerStructure, SmoothingGroup, call_with_input
 from .recipe import CalibrationConfig
 from .methods import GroupContext
 from .search import (
-    ScaleStats, fake_quantize_activation_fast, fake_quantize_weight, search_row_clip, static_input_scale, weight_channel_stats,
+    ScaleStats, candidate_inputs, fake_quantize_activation_fast, fake_quantize_weight, linear_losses, search_row_clip,
+    static_input_scale, weight_channel_stats,
 )
 from .stream import CalibrationError, LayerCall
 
@@ -168,6 +169,16 @@ class LayerCalibrator:
                 out = torch.cat([self._linear_out(layer.get_submodule(n), xs, wq[n]) for n in g.linears], dim=-1)
             return float((out.float() - cap.target.float()).pow(2).sum())
 
+        def many(scales: torch.Tensor) -> torch.Tensor:  # [C, K] -> [C]: a single-linear group's candidates batched
+            biases = [layer.get_submodule(n).bias for n in g.linears]
+            per = max(cap.x.numel(), cap.target.numel(), *(w.numel() for w in weights.values()))
+            return torch.cat([
+                linear_losses(candidate_inputs(cap.x, part, act_mode if quantize_act else None, cap.absmax), part,
+                              list(weights.values()), biases, cap.target, self.table, self.group_size)
+                for part in scales.split(max(1, (1 << 24) // per))])
+
+        if g.block is None:  # a block (attention, MLP) is a module call per candidate: no batched form
+            loss.many = many
         return loss
 
     def plan(self, layer: nn.Module, g: SmoothingGroup, cap: GroupCapture | None) -> GroupPlan:

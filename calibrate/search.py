@@ -109,6 +109,17 @@ def coarse_points(n: int) -> list[int]:
     return sorted(set(range(0, n, 2)) | {n - 1})
 
 
+def evaluate_losses(loss: Callable[[torch.Tensor], float], scales: Sequence[torch.Tensor]) -> list[float]:
+    """``[loss(s) for s in scales]``, in one batched call when ``loss`` offers ``loss.many([C, K]) -> [C]``.
+
+    ``many`` is an optional attribute of the loss callable, so a plain function stays a valid loss.
+    """
+    many = getattr(loss, "many", None)
+    if many is None or not scales:
+        return [loss(s) for s in scales]
+    return [float(v) for v in many(torch.stack(list(scales)))]
+
+
 def search_scale(
     families: Sequence[str], grid: Sequence[float], stats: ScaleStats,
     loss: Callable[[torch.Tensor], float], constrain: Callable[[torch.Tensor], torch.Tensor] = lambda s: s,
@@ -117,30 +128,37 @@ def search_scale(
     """Pick ``s`` minimizing ``loss(s)`` over ``s = 1`` and, per family, the alpha grid.
 
     Coarse-to-fine (default): the coarse points, then the two grid neighbours of the best of them.
+    Candidates are evaluated in two batches (``s = 1`` and every family's coarse points, then
+    every family's refinements; see :func:`evaluate_losses`); the choice is the one a sequential
+    scan (s = 1, then family by family, coarse then refinement) makes: the first strict minimum.
     """
     grid = sorted(set(float(a) for a in grid))
     ones = torch.ones_like(stats.x_absmax, dtype=torch.float32)
-    identity_loss = loss(ones)
-    best = ScaleChoice("none", 0.0, ones, identity_loss, identity_loss, 1)
-    evaluations = 1
-    for family in families:
-        losses: dict[int, float] = {}
+    first = range(len(grid)) if full_grid else coarse_points(len(grid))
 
-        def evaluate(indices) -> None:
-            nonlocal best, evaluations
-            for i in indices:
-                if i in losses or not 0 <= i < len(grid):
-                    continue
-                s = normalize(constrain(family_scale(family, grid[i], stats)))
-                losses[i] = loss(s)
-                evaluations += 1
-                if losses[i] < best.loss:
-                    best = ScaleChoice(family, grid[i], s, losses[i], identity_loss, 0)
+    def candidates(points: dict[str, Sequence[int]]) -> list[tuple[str, int, torch.Tensor]]:
+        return [(f, i, normalize(constrain(family_scale(f, grid[i], stats)))) for f in families for i in points[f]]
 
-        evaluate(range(len(grid)) if full_grid else coarse_points(len(grid)))
+    coarse = candidates({f: first for f in families})
+    coarse_losses = evaluate_losses(loss, [ones] + [c[2] for c in coarse])
+    identity_loss, coarse_losses = coarse_losses[0], coarse_losses[1:]
+    by_family: dict[str, dict[int, float]] = {f: {} for f in families}
+    for (f, i, _), v in zip(coarse, coarse_losses):
+        by_family[f][i] = v
+    refine = {}
+    for f, losses in by_family.items():
         i_best = min(losses, key=losses.get)
-        evaluate((i_best - 1, i_best + 1))
-    return replace(best, evaluations=evaluations)
+        refine[f] = [i for i in (i_best - 1, i_best + 1) if 0 <= i < len(grid) and i not in losses]
+    fine = candidates(refine)
+    fine_losses = evaluate_losses(loss, [c[2] for c in fine])
+    # sequential order: family by family, its coarse points then its refinements
+    scanned = sorted(zip(coarse + fine, coarse_losses + fine_losses),
+                     key=lambda cv: (families.index(cv[0][0]), cv[0][1] not in by_family[cv[0][0]]))
+    best = ScaleChoice("none", 0.0, ones, identity_loss, identity_loss, 1 + len(scanned))
+    for (f, i, scale), v in scanned:
+        if v < best.loss:
+            best = replace(best, family=f, alpha=grid[i], scale=scale, loss=v)
+    return best
 
 
 # -- weights --------------------------------------------------------------------------------------
@@ -160,28 +178,59 @@ def _rounding_grid(table: CodeTable) -> tuple[torch.Tensor, torch.Tensor]:
     return vals, (vals[1:] + vals[:-1]) / 2
 
 
+@functools.lru_cache(maxsize=None)
+def _rounding_lut(table: CodeTable) -> tuple[torch.Tensor, int]:
+    """Value lookup for ``x`` by ``c = ceil(4 |x|)`` (``+ L`` for negative ``x``): ``(lut [2L], L)``.
+
+    Values are multiples of 1/2 (``half_values`` are integers), so every midpoint ``m`` is a
+    multiple of 1/4 and ``4 m`` an integer: with ``u = 4 x`` (exact), rounding to the nearest
+    value with ties toward zero picks index ``#{m : 4m < u}`` for ``x >= 0`` and ``#{m : 4m <= u}``
+    for ``x < 0``, i.e. ``#{4m <= c - 1}`` resp. ``#{4m <= -c}``: a function of ``c`` and the sign.
+    """
+    vals, mids = _rounding_grid(table)
+    m4 = mids * 4
+    if not torch.equal(m4, m4.round()):
+        raise ValueError(f"{table.name}: values must be multiples of 1/2")
+    L = int(m4.abs().max()) + 2  # c >= L - 1 is beyond every midpoint on both sides
+    c = torch.arange(L, dtype=torch.float32)
+    pos = vals[(m4[None, :] <= (c - 1)[:, None]).sum(dim=1)]
+    neg = vals[(m4[None, :] <= -c[:, None]).sum(dim=1)]
+    return torch.cat([pos, neg]), L
+
+
+def _round_to_values_(x: torch.Tensor, table: CodeTable) -> torch.Tensor:
+    """Nearest table value of ``x`` (ties toward zero, beyond the table saturates); overwrites ``x``.
+
+    Same result as ``formats.round_to_codes`` + decode (a test checks every format and every tie)
+    at about a quarter of the cost of ``bucketize``: a few in-place passes and one gather.
+    """
+    lut, L = _rounding_lut(table)
+    negative = x < 0
+    c = x.abs_().mul_(4).ceil_().clamp_(max=L - 1)
+    c.add_(negative, alpha=L)
+    return lut.to(x.device)[c.to(torch.int32)]
+
+
 def fake_quantize_weight(w: torch.Tensor, table: CodeTable, group_size: int, row_clip: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize-dequantize (float32) with optional per-row clip ratios; the search's hot path.
 
-    Bit-identical to ``quantize_rows(...).dequantize()`` (a test checks every format and group
-    size) with a third of the memory passes: scales from one ``aminmax`` with the same
-    arithmetic as ``formats.absmax_scales``, one ``bucketize`` straight to values, and the
-    tie rule of ``formats.round_to_codes`` (an exact tie goes toward zero) obtained by nudging
-    negative inputs one ulp up, so that their ties land on the upper (smaller-magnitude) value.
-    The weights were checked finite when loaded, so no finiteness pass here.
+    ``w`` is ``[..., N, K]`` (leading dims: candidates evaluated in one call) and ``row_clip``
+    broadcasts to ``[..., N]``. Bit-identical to ``quantize_rows(...).dequantize()`` per
+    ``[N, K]`` slice (a test checks every format and group size) with far fewer memory passes:
+    scales from one ``aminmax`` with the same arithmetic as ``formats.absmax_scales`` and a
+    table lookup instead of ``bucketize`` (:func:`_round_to_values_`). The weights were checked
+    finite when loaded, so no finiteness pass here.
     """
-    n, k = w.shape
+    *lead, n, k = w.shape
     g = resolve_group_size(k, group_size)
-    wg = w.float().reshape(n, k // g, g)
+    wg = w.float().reshape(*lead, n, k // g, g)
     lo, hi = torch.aminmax(wg, dim=-1)
     scales = torch.maximum(hi.clamp(min=0) / table.max_positive, (-lo).clamp(min=0) / table.max_negative) * 1.0
     if row_clip is not None:
-        scales = scales * row_clip.to(scales.device, scales.dtype)[:, None]
+        scales = scales * row_clip.to(scales.device, scales.dtype)[..., None]
     scales = scales.unsqueeze(-1)
-    vals, mids = (t.to(w.device) for t in _rounding_grid(table))
     x = wg / torch.where(scales > 0, scales, torch.ones_like(scales))
-    x = torch.where(x < 0, torch.nextafter(x, torch.tensor(math.inf, device=x.device)), x)
-    return (vals[torch.bucketize(x, mids, out_int32=True)] * scales).reshape(n, k)
+    return _round_to_values_(x, table).mul_(scales).reshape(w.shape)
 
 
 def quantize_rows(w: torch.Tensor, table: CodeTable, group_size: int, row_clip: torch.Tensor | None = None) -> QuantizedWeight:
@@ -191,30 +240,30 @@ def quantize_rows(w: torch.Tensor, table: CodeTable, group_size: int, row_clip: 
 
 def search_row_clip(
     x: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor, table: CodeTable, group_size: int, grid: Sequence[float],
+    max_elements: int = 1 << 24,
 ) -> tuple[torch.Tensor, float, float]:
     """Per output channel clip ratio minimizing ``||x @ Q(w, r)^T - y_ref||^2`` over the tokens.
 
     ``x [T, K]`` is what the deployed linear sees (INT8-fake-quantized for AQAS, float for AWQ),
     ``w [N, K]`` the smoothed float weight, ``y_ref [T, N]`` the float output. Output channels
-    are independent given ``x``, so every row takes its own best ratio from one pass per ratio.
+    are independent given ``x``, so every row takes its own best ratio. All ratios are quantized
+    in one batched call and multiplied in one matmul (chunks of at most ``max_elements`` per
+    intermediate); among equal errors the largest ratio wins.
     Returns ``(ratios [N], loss at ratio 1, loss at the chosen ratios)``.
     """
-    best_err = None
-    best = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
-    no_clip = math.nan
-    for r in sorted(set(float(v) for v in grid), reverse=True):
-        wq = fake_quantize_weight(w, table, group_size, torch.full((w.shape[0],), r, device=w.device))
-        err = ((x @ wq.t()) - y_ref).pow(2).sum(dim=0)
-        if r == 1.0:
-            no_clip = float(err.sum())
-        if best_err is None:
-            best_err = err
-            best[:] = r
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, torch.full_like(best, r), best)
-    return best, no_clip, float(best_err.sum())
+    ratios = sorted(set(float(v) for v in grid), reverse=True)
+    (t, k), n = x.shape, w.shape[0]
+    per_ratio = max(n * k, t * n)
+    errors = []
+    for start in range(0, len(ratios), max(1, max_elements // per_ratio)):
+        r = torch.tensor(ratios[start:start + max(1, max_elements // per_ratio)], dtype=torch.float32, device=w.device)
+        wq = fake_quantize_weight(w.float().expand(len(r), n, k), table, group_size, r[:, None].expand(-1, n))
+        y = (x @ wq.reshape(-1, k).t()).view(t, len(r), n)
+        errors.append(y.sub_(y_ref[:, None, :]).pow_(2).sum(dim=0))
+    err = torch.cat(errors)  # [R, N]
+    best_err, best = err.min(dim=0)  # the first minimum: the largest ratio among equal errors
+    no_clip = float(err[ratios.index(1.0)].sum()) if 1.0 in ratios else math.nan
+    return torch.tensor(ratios, dtype=torch.float32, device=w.device)[best], no_clip, float(best_err.sum())
 
 
 # -- activations ----------------------------------------------------------------------------------
@@ -231,6 +280,9 @@ def static_input_scale(x_absmax: torch.Tensor, s: torch.Tensor | None = None) ->
 def fake_quantize_activation_fast(x: torch.Tensor, act_mode: str, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``reference.fake_quantize_activation`` with fewer passes (bit-identical; a test checks it).
 
+    Per tensor, ``input_scale`` is ``[1]`` or, for candidates stacked on a leading dim of ``x``,
+    one scale per candidate shaped to broadcast (``[C, 1, ..., 1]``).
+
     round(x / s) clamped to +-127 times s equals the reference's int8 round trip exactly, because
     the int8 cast of an already rounded, clamped value is exact.
     """
@@ -240,9 +292,47 @@ def fake_quantize_activation_fast(x: torch.Tensor, act_mode: str, input_scale: t
     elif act_mode == "per-tensor":
         if input_scale is None:
             raise ValueError("per-tensor activation mode needs a calibrated input_scale")
-        s = input_scale.float().reshape(())
+        # one scale, or one per leading index (candidates) that broadcasts against x
+        s = input_scale.float().reshape(()) if input_scale.numel() == 1 else input_scale.float()
     else:
         raise ValueError(f"unknown activation mode {act_mode!r}")
     q = (xf / s).round_().clamp_(-INT8_MAX, INT8_MAX)
     return q.mul_(s).to(x.dtype)
 
+
+
+# -- candidates in one batch ------------------------------------------------------------------------
+
+def candidate_inputs(x: torch.Tensor, scales: torch.Tensor, act_mode: str | None, x_absmax: torch.Tensor) -> torch.Tensor:
+    """``[C, *x.shape]``: ``x / s`` for every candidate ``s`` (rows of ``scales [C, K]``), INT8
+    fake-quantized in ``act_mode`` (None: left in float), each exactly as a single candidate's
+    ``fake_quantize_activation_fast(x / s, act_mode, static_input_scale(x_absmax, s))``."""
+    c, k = scales.shape
+    xs = x.float().unsqueeze(0) / scales.float().view(c, *([1] * (x.dim() - 1)), k)
+    if act_mode is None:
+        return xs
+    input_scale = None
+    if act_mode == "per-tensor":
+        input_scale = torch.cat([static_input_scale(x_absmax, s) for s in scales]).to(x.device).view(c, *([1] * x.dim()))
+    return fake_quantize_activation_fast(xs, act_mode, input_scale)
+
+
+def linear_losses(
+    xs: torch.Tensor, scales: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+    target: torch.Tensor, table: CodeTable, group_size: int,
+) -> torch.Tensor:
+    """Per candidate ``||cat_i(xs_c @ Q(W_i * s_c)^T + b_i) - target||^2``: ``[C]``.
+
+    ``xs [C, ..., K]`` from :func:`candidate_inputs`, ``scales [C, K]``, ``target [..., sum N_i]``.
+    Every candidate's weights are quantized in one batched call and multiplied in one batched
+    matmul per linear.
+    """
+    c, k = scales.shape
+    x2 = xs.reshape(c, -1, k)
+    outs = []
+    for w, b in zip(weights, biases):
+        wq = fake_quantize_weight(w.float().unsqueeze(0) * scales.float()[:, None, :], table, group_size)
+        y = torch.bmm(x2, wq.transpose(1, 2))
+        outs.append(y if b is None else y.add_(b.float()))
+    out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+    return out.sub_(target.float().reshape(1, -1, out.shape[-1])).pow_(2).sum(dim=(1, 2))

@@ -135,3 +135,123 @@ def test_static_input_scale_covers_the_smoothed_range():
     assert float(S.static_input_scale(x_max)) == pytest.approx(2.0)
     assert float(S.static_input_scale(x_max, torch.tensor([1.0, 2.0, 1.0]))) == pytest.approx(1.0)
     assert float(S.static_input_scale(torch.zeros(3))) > 0  # never a zero scale
+
+
+# -- fast paths equal the straightforward ones (real layer-0 data) --------------------------------
+
+def _row_clip_loop(x, w, y_ref, table, group, grid):
+    """The straightforward clip search: one fake-quant and one matmul per ratio, strict improvement."""
+    best_err, best = None, torch.ones(w.shape[0])
+    for r in sorted(set(grid), reverse=True):
+        err = ((x @ S.fake_quantize_weight(w, table, group, torch.full((w.shape[0],), r)).t()) - y_ref).pow(2).sum(0)
+        if best_err is None:
+            best_err, best = err, torch.full_like(best, r)
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, torch.full_like(best, r), best)
+    return best, float(best_err.sum())
+
+
+def test_batched_weight_fake_quant_is_bit_identical_per_candidate(layer0):
+    table = F.get_format("dint4-a")
+    w = layer0["self_attn.k_proj"]
+    s = torch.stack([torch.ones(576), layer0["x"].abs().amax(0).sqrt(), 1 / (w.abs().mean(0) + 1e-3)])
+    clip = torch.tensor([1.0, 0.9, 0.75])[:, None].expand(-1, w.shape[0])
+    batched = S.fake_quantize_weight(w[None] * s[:, None, :], table, 64, clip)
+    for i in range(len(s)):
+        assert torch.equal(batched[i], S.fake_quantize_weight(w * s[i], table, 64, clip[i]))
+
+
+@pytest.mark.parametrize("name,group", [("self_attn.v_proj", -1), ("self_attn.q_proj", 64)])
+def test_vectorised_clip_search_matches_the_ratio_loop(layer0, name, group):
+    table = F.get_format("dint4-a")
+    x, w = layer0["x"], layer0[name]
+    xq = S.fake_quantize_activation_fast(x, "per-token")
+    grid = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+    y = x @ w.t()
+    ref_ratios, ref_after = _row_clip_loop(xq, w, y, table, group, grid)
+    for budget in (1 << 24, w.numel()):  # all ratios in one matmul; one ratio per chunk
+        ratios, before, after = S.search_row_clip(xq, w, y, table, group, grid, max_elements=budget)
+        assert torch.equal(ratios, ref_ratios)
+        assert math.isclose(after, ref_after, rel_tol=1e-6)
+        assert after < before
+
+
+def _straight_loss(x, s, w, b, y, table, group, act_mode, x_absmax):
+    xs = x / s
+    if act_mode is not None:
+        xs = S.fake_quantize_activation_fast(xs, act_mode, S.static_input_scale(x_absmax, s))
+    return float((torch.nn.functional.linear(xs, S.fake_quantize_weight(w * s, table, group), b) - y).pow(2).sum())
+
+
+@pytest.mark.parametrize("act_mode", ["per-token", "per-tensor", None])
+def test_batched_candidate_losses_match_one_candidate_at_a_time(layer0, act_mode):
+    table = F.get_format("dint4-a")
+    x, w = layer0["x"], layer0["self_attn.q_proj"]
+    b = torch.linspace(-0.1, 0.1, w.shape[0])  # a bias, as OPT-style linears have
+    w_mean, w_max = S.weight_channel_stats([w], 64)
+    st = S.ScaleStats(x.abs().mean(0), x.abs().amax(0), w_mean, w_max)
+    scales = torch.stack([torch.ones(576)] + [S.normalize(S.family_scale(f, a, st)) for f in ("mean", "max") for a in (0.2, 0.5, 0.8)])
+    y = x @ w.t()
+    xs = S.candidate_inputs(x, scales, act_mode, st.x_absmax)
+    for i, s in enumerate(scales):  # the quantized inputs are exactly the single candidate's
+        single = x / s if act_mode is None else S.fake_quantize_activation_fast(x / s, act_mode, S.static_input_scale(st.x_absmax, s))
+        assert torch.equal(xs[i], single)
+    batched = S.linear_losses(xs, scales, [w], [b], y, table, 64)
+    straight = torch.tensor([_straight_loss(x, s, w, b, y, table, 64, act_mode, st.x_absmax) for s in scales])
+    torch.testing.assert_close(batched, straight, rtol=1e-5, atol=0)  # only the float summation order differs
+    assert int(batched.argmin()) == int(straight.argmin())
+
+
+def _search_scale_loop(families, grid, st, loss, full_grid):
+    """The straightforward search: one candidate at a time, family by family, keep the first strict minimum."""
+    grid = sorted(set(grid))
+    ones = torch.ones(576)
+    best = (loss(ones), "none", 0.0, ones)
+    evaluations = 1
+    for family in families:
+        losses = {}
+        for stage in (range(len(grid)) if full_grid else S.coarse_points(len(grid)), None):
+            if stage is None:
+                i_best = min(losses, key=losses.get)
+                stage = (i_best - 1, i_best + 1)
+            for i in stage:
+                if i in losses or not 0 <= i < len(grid):
+                    continue
+                s = S.normalize(S.family_scale(family, grid[i], st))
+                losses[i] = loss(s)
+                evaluations += 1
+                if losses[i] < best[0]:
+                    best = (losses[i], family, grid[i], s)
+    return best, evaluations
+
+
+def test_batched_search_makes_the_sequential_choice(layer0):
+    table = F.get_format("dint4-a")
+    x, w = layer0["x"], layer0["self_attn.v_proj"]
+    w_mean, w_max = S.weight_channel_stats([w], 64)
+    st = S.ScaleStats(x.abs().mean(0), x.abs().amax(0), w_mean, w_max)
+    y = x @ w.t()
+    batches = []
+
+    def loss(s):
+        return _straight_loss(x, s, w, None, y, table, 64, "per-token", st.x_absmax)
+
+    def batched(s):
+        return loss(s)
+
+    def many(scales):
+        batches.append(len(scales))
+        return S.linear_losses(S.candidate_inputs(x, scales, "per-token", st.x_absmax), scales, [w], [None], y, table, 64)
+
+    batched.many = many
+    grid = [i / 20 for i in range(21)]
+    for full in (False, True):
+        batches.clear()
+        seq, fast = (S.search_scale(("mean", "max"), grid, st, f, full_grid=full) for f in (loss, batched))
+        (ref_loss, ref_family, ref_alpha, ref_scale), ref_evaluations = _search_scale_loop(("mean", "max"), grid, st, loss, full)
+        assert (seq.family, seq.alpha, seq.loss, seq.evaluations) == (ref_family, ref_alpha, ref_loss, ref_evaluations)
+        assert (fast.family, fast.alpha, fast.evaluations) == (seq.family, seq.alpha, seq.evaluations)
+        assert torch.equal(fast.scale, seq.scale) and fast.family != "none"
+        assert math.isclose(fast.loss, seq.loss, rel_tol=1e-5) and math.isclose(fast.identity_loss, seq.identity_loss, rel_tol=1e-5)
+        assert sum(batches) == seq.evaluations and len(batches) == (1 if full else 2)  # two batches, not a loop
