@@ -93,6 +93,21 @@ def _slac_report(args, cfg, model_dir) -> None:
           "drawn at the target's length.", file=sys.stderr)
 
 
+def _checked_model_dir(args, cfg):
+    """The SLAC report streams float layers: refuse a bad --out or dataset before it, as calibrate would."""
+    from pathlib import Path
+
+    from . import preflight
+    from .api import resolve_model_dir
+
+    out = Path(args.out).resolve()
+    preflight.check_output(out, cfg.overwrite)
+    preflight.check_dataset(cfg.dataset)
+    model_dir = resolve_model_dir(args.model)
+    preflight.check_output_vs_source(out, model_dir)
+    return model_dir
+
+
 def run(args: argparse.Namespace) -> int:
     from w4a8_dint.embedded import DataUnavailable
     from w4a8_dint.formats import FormatError
@@ -119,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         cfg = _config(args)
         if (args.target_task or args.target_len) and not args.quiet:
-            _slac_report(args, cfg, resolve_model_dir(args.model))
+            _slac_report(args, cfg, _checked_model_dir(args, cfg))
         out = calibrate(args.model, args.out, cfg)
     except (RecipeError, FormatError, UnsupportedArchitecture, CalibrationError, CalibrationDataError, UnknownTask,
             DataUnavailable, FileExistsError) as e:

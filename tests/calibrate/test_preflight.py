@@ -279,3 +279,19 @@ def test_a_second_run_on_the_same_out_is_refused_while_one_holds_it(tmp_path, ti
         line = refused(["calibrate", str(tiny_models("llama")), "--out", str(out), *FAST], capsys)
         assert line == f"error: another calibrate run is writing {out} (it holds {tmp_path / '.q.lock'})"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_slac_report_waits_for_the_same_checks(tmp_path, tiny_models, no_work, monkeypatch, capsys):
+    """--target-len/--target-task print a range-vs-length curve that streams float layers: refused before it."""
+    from w4a8_dint.calibrate import cli
+
+    def reported(*args, **kwargs):
+        raise AssertionError("the SLAC report streamed layers before the refusal")
+
+    monkeypatch.setattr(cli, "_slac_report", reported)
+    src = tmp_path / "model"
+    shutil.copytree(tiny_models("llama"), src)
+    before = tree(tmp_path)
+    line = refused(["calibrate", str(src), "--out", str(src), "--overwrite", "--target-len", "64", "--method", "rtn"], capsys)
+    assert line == f"error: --out {src} is the source model directory: calibrate would replace the model it reads"
+    assert tree(tmp_path) == before
