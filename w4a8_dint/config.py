@@ -79,6 +79,9 @@ class W4A8Config:
     method: str = "rtn"
     rounding: str = "rtn"  # how weights were rounded onto the table (checkpoints before it existed: "rtn")
     calibration: dict[str, Any] = field(default_factory=dict)
+    # Offline rotation folded into the weights before calibration (calibrate/rotate.py): method,
+    # seed, what was rotated and folded, whether lm_head was untied. None: not rotated (old checkpoints).
+    rotation: dict[str, Any] | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -95,6 +98,8 @@ class W4A8Config:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.rotation is not None and not isinstance(self.rotation, dict):
+            raise ConfigError(f"rotation must be a dict or absent, got {type(self.rotation).__name__}")
         self.layers = {k: v if isinstance(v, LayerPolicy) else LayerPolicy(**v) for k, v in self.layers.items()}
 
     @property
@@ -127,6 +132,7 @@ class W4A8Config:
             "method": self.method,
             "rounding": self.rounding,
             "calibration": dict(self.calibration),
+            **({"rotation": dict(self.rotation)} if self.rotation is not None else {}),
         }
 
     @classmethod
@@ -156,6 +162,7 @@ class W4A8Config:
                 method=d.get("method", "rtn"),
                 rounding=d.get("rounding", "rtn"),
                 calibration=dict(d.get("calibration") or {}),
+                rotation=d.get("rotation"),
                 version=version,
             )
         except TypeError as e:
