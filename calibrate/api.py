@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from .arch import infer_structure
 from .data import calibration_data
 from .layer import LayerCalibrator
 from .recipe import DEFAULT_SEQ_LEN, CalibrationConfig, resolve_group_size
+from .rotate import rotated_source
 from .stream import (
     CalibrationError, LayerCall, LayerSpill, LayerStream, LazyTensors, ModelSkeleton, build_skeleton, passthrough_entries,
     read_hf_config,
@@ -77,15 +78,19 @@ def _resolve_seq_len(cfg: CalibrationConfig, tokenizer) -> tuple[int, dict[str, 
     return DEFAULT_SEQ_LEN, {}
 
 
-def calibrate(model: str | Path | None, out_dir: str | Path, cfg: CalibrationConfig | None = None) -> Path:
-    """Quantize ``model`` with ``cfg`` and write a w4a8-dint checkpoint to ``out_dir``; returns its path."""
+def calibrate(model: str | Path | None, out_dir: str | Path, cfg: CalibrationConfig | None = None,
+              rotate: str = "none") -> Path:
+    """Quantize ``model`` with ``cfg`` and write a w4a8-dint checkpoint to ``out_dir``; returns its path.
+
+    ``rotate="hadamard"`` first folds an offline rotation into a float copy of the model
+    (``rotate.py``, seeded with ``cfg.seed``) and calibrates that copy."""
     cfg = cfg or CalibrationConfig()
     threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     try:
         with preflight.stop_on_signals():  # SIGTERM/SIGINT unwind through the temp-dir cleanup
-            return _calibrate(model, out_dir, cfg)
+            return _calibrate(model, out_dir, cfg, rotate)
     finally:
         torch.set_num_threads(threads)
 
@@ -101,6 +106,7 @@ class _Run:
     group_size: int
     table: CodeTable
     notes: list[str]
+    rotation: dict[str, Any] | None = None  # rotate.py's record when the source was rotated first
 
     def skip(self, layer_name: str) -> Callable[[str], bool]:
         return lambda linear: self.rules.is_skipped(f"{layer_name}.{linear}")
@@ -176,7 +182,7 @@ def _quantize_layers(run: _Run, stream: LayerStream, batches: _Batches, cfg: Cal
 
 
 @torch.no_grad()
-def _calibrate(model: str | Path | None, out_dir: str | Path, cfg: CalibrationConfig) -> Path:
+def _calibrate(model: str | Path | None, out_dir: str | Path, cfg: CalibrationConfig, rotate: str = "none") -> Path:
     out = Path(out_dir).resolve()
     preflight.check_output(out, cfg.overwrite)
     preflight.check_dataset(cfg.dataset)
@@ -188,7 +194,10 @@ def _calibrate(model: str | Path | None, out_dir: str | Path, cfg: CalibrationCo
     tokenizer = AutoTokenizer.from_pretrained(run.model_dir, trust_remote_code=cfg.trust_remote_code)
     seq_len, slac_record = _resolve_seq_len(cfg, tokenizer)
     preflight.check_seq_len(seq_len, run.skeleton.config)
-    with preflight.claim_output(out, cfg.overwrite, lambda line: print(line, file=sys.stderr, flush=True)):
+    with preflight.claim_output(out, cfg.overwrite, lambda line: print(line, file=sys.stderr, flush=True)), \
+            rotated_source(run.model_dir, out, rotate, cfg.seed, cfg.trust_remote_code) as (source, rotation):
+        if rotation is not None:  # calibrate the rotated float copy: same architecture, tokenizer, layers
+            run = replace(run, model_dir=source, skeleton=build_skeleton(source, cfg.trust_remote_code), rotation=rotation)
         return _run(run, out, cfg, model, tokenizer, seq_len, slac_record, start)
 
 
@@ -225,7 +234,7 @@ def _run(run: _Run, out: Path, cfg: CalibrationConfig, model, tokenizer, seq_len
             format=run.table.name, group_size=run.group_size,
             act_mode=cfg.method_impl.checkpoint_act_mode(cfg),
             layers=policies, modules_to_not_convert=list(run.rules.modules_to_not_convert), method=cfg.method,
-            rounding=cfg.rounding, calibration=calibration,
+            rounding=cfg.rounding, calibration=calibration, rotation=run.rotation,
         )
         entries = {**passthrough_entries(run.skeleton, run.model_dir, run.quantized_layers), **spill.entries}
         write_checkpoint(out, LazyTensors(entries), read_hf_config(run.model_dir), qconfig,

@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounding", choices=tuple(ROUNDING_REGISTRY), default="rtn",
                    help="how weights are rounded onto the 4-bit table after the method's scales, composable with any "
                         "--method. " + _choices_help(ROUNDING_REGISTRY, "rtn"))
+    p.add_argument("--rotate", choices=("none", "hadamard"), default="none",
+                   help="offline rotation folded into a float copy before calibration (docs/calibrate.md#rotation): "
+                        "hadamard = random-sign Hadamard on the residual stream (norms folded; not on Gemma3's "
+                        "post-norm layout) and per head between v_proj and o_proj (default none)")
     p.add_argument("--format", default="dint4-a", help="4-bit weight format: int4, fp4, dint4-a (default), dint4-b, dint4-c")
     p.add_argument("--group-size", type=int, default=None,
                    help="weight group size, -1 = per output channel (default: -1; fptq: 128, else the largest of 64/32 dividing every K)")
@@ -117,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from .data import CalibrationDataError
     from .preflight import Interrupted
     from .recipe import RecipeError
+    from .rotate import RotationError
     from .slac import UnknownTask
     from .stream import CalibrationError
 
@@ -135,9 +140,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = _config(args)
         if (args.target_task or args.target_len) and not args.quiet:
             _slac_report(args, cfg, _checked_model_dir(args, cfg))
-        out = calibrate(args.model, args.out, cfg)
+        out = calibrate(args.model, args.out, cfg, rotate=args.rotate)
     except (RecipeError, FormatError, UnsupportedArchitecture, CalibrationError, CalibrationDataError, UnknownTask,
-            DataUnavailable, FileExistsError) as e:
+            DataUnavailable, FileExistsError, RotationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
