@@ -21,6 +21,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -336,3 +337,18 @@ def linear_losses(
         outs.append(y if b is None else y.add_(b.float()))
     out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
     return out.sub_(target.float().reshape(1, -1, out.shape[-1])).pow_(2).sum(dim=(1, 2))
+
+
+def leading_slice(tree: Any, size: int, keep: int) -> Any:
+    """``tree`` (tensors in tuples / lists / dicts) with every tensor whose first dim is ``size``
+    cut to its first ``keep`` entries: a call's arguments restricted to its first ``keep``
+    sequences. Whoever uses it checks the result (a tensor may have ``size`` rows by chance)."""
+    if isinstance(tree, torch.Tensor):
+        return tree[:keep] if tree.dim() > 0 and tree.shape[0] == size else tree
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # named tuple
+        return type(tree)(*(leading_slice(t, size, keep) for t in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(leading_slice(t, size, keep) for t in tree)
+    if isinstance(tree, dict):
+        return {k: leading_slice(v, size, keep) for k, v in tree.items()}
+    return tree

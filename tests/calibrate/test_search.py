@@ -255,3 +255,14 @@ def test_batched_search_makes_the_sequential_choice(layer0):
         assert torch.equal(fast.scale, seq.scale) and fast.family != "none"
         assert math.isclose(fast.loss, seq.loss, rel_tol=1e-5) and math.isclose(fast.identity_loss, seq.identity_loss, rel_tol=1e-5)
         assert sum(batches) == seq.evaluations and len(batches) == (1 if full else 2)  # two batches, not a loop
+
+
+def test_leading_slice_cuts_batch_tensors_only():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "cos sin")
+    x, pos, mask = torch.randn(4, 8, 3), torch.arange(8), torch.zeros(4, 1, 8, 8)
+    args, kwargs = S.leading_slice(((x, 2.0), {"pe": Pair(x[..., :2], x[..., 1:]), "pos": pos, "mask": mask, "cache": None}), 4, 1)
+    assert torch.equal(args[0], x[:1]) and args[1] == 2.0
+    assert isinstance(kwargs["pe"], Pair) and torch.equal(kwargs["pe"].sin, x[:1, :, 1:])
+    assert kwargs["pos"] is pos and kwargs["mask"].shape == (1, 1, 8, 8) and kwargs["cache"] is None
