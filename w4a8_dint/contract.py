@@ -276,11 +276,13 @@ def bounded(suffix: str) -> ValueCheck:
         bad = ~torch.isfinite(t)
         if bad.any():
             raise CheckpointError(f"{name}: {int(bad.sum())} non-finite value(s) (NaN/Inf)")
-        low = t < torch.tensor(lo, dtype=torch.float32) if lo > 0 else t < 0
+        # Python scalars compare in the tensor's float32 (a bound of 1e-4 admits float32(1e-4)), and make no
+        # tensor on the default device (transformers builds models under a meta default device).
+        low = t < lo
         if low.any():
             raise CheckpointError(f"{name}: {int(low.sum())} value(s) below {lo:g} (smallest {float(t.min()):g}); "
                                   f"{suffix} must be >= {lo:g}")
-        high = t > torch.tensor(hi, dtype=torch.float32)
+        high = t > hi
         if high.any():
             raise CheckpointError(f"{name}: {int(high.sum())} value(s) above the bound {hi:g} (largest "
                                   f"{float(t.max()):g}); a corrupt or mis-scaled checkpoint")
@@ -410,9 +412,14 @@ def float_modules(model: torch.nn.Module, decoder_layers: str | None = None) -> 
             name = None
         if name:
             out[name] = why
+    keep_fp32 = W4A8Config(modules_to_not_convert=list(getattr(model, "_keep_in_fp32_modules", None) or []))
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and name not in out and not (layers and name.startswith(layers + ".")):
+        if not isinstance(m, torch.nn.Linear) or name in out:
+            continue
+        if not (layers and name.startswith(layers + ".")):
             out[name] = f"a linear outside the decoder layers ({layers or 'none found'})"
+        elif keep_fp32.is_skipped(name):
+            out[name] = "kept in float32 by the model class (_keep_in_fp32_modules)"
     return out
 
 

@@ -282,19 +282,20 @@ def _mutated(name: str, tensors: dict, cfg: dict) -> tuple[dict | None, dict | N
     return t, (c if c != cfg else None)
 
 
-BAD_CASES = {
-    "wrong_dtype": "must be uint8",
-    "group_mismatch": "weight_scale: expected float32",
-    "nan_scale": "non-finite",
-    "missing_tensor": "needs both qweight and weight_scale",
-    "missing_float_tensor": "missing from the checkpoint",
-    "stray_input_scale": "act_mode=per-token",
-    "static_layer_without_scale": "per-tensor layer needs",
-    "wrong_shape": "the model's layer needs",
+BAD_CASES = {  # the contract's messages (w4a8_dint.contract): each names the tensor and the problem
+    "wrong_dtype": r"model.layers.0.self_attn.q_proj.qweight: expected U8 \[576, 288\].* got I8",
+    "group_mismatch": r"model.layers.0.self_attn.q_proj.weight_scale: expected F32 \[576, 18\]",
+    "nan_scale": "model.layers.5.mlp.down_proj.weight_scale: 1 non-finite",
+    "missing_tensor": "model.layers.7.mlp.gate_proj: weight_scale missing",
+    "missing_float_tensor": r"missing from the checkpoint.*model.norm.weight",
+    "stray_input_scale": "model.layers.1.self_attn.k_proj.input_scale: present, but input_scale belongs to per-tensor",
+    "static_layer_without_scale": "model.layers.3.self_attn.o_proj: input_scale missing",
+    "wrong_shape": r"model.layers.2.mlp.up_proj.qweight: expected U8 \[1536, 288\].*got U8 \[1536, 280\]",
     "float_weight_instead": "has no model.layers.6.self_attn.v_proj.qweight",
     "unknown_table": "does not match this version",
-    "smooth_not_in_config": "config says smooth=false",
-    "quantized_skipped_module": "modules that are not converted",
+    "smooth_not_in_config": "model.layers.4.mlp.gate_proj.smooth_scale: present, but smooth_scale belongs to layers "
+                            "with smooth=true",
+    "quantized_skipped_module": "lm_head.qweight: lm_head is quantized while it is in modules_to_not_convert",
 }
 
 
@@ -334,7 +335,7 @@ def test_missing_and_truncated_shards_are_refused(ckpt_g64, g64_contents, tmp_pa
     (sharded / shards[-1]).unlink()
     with pytest.raises(CheckpointError, match="missing shard"):
         AutoModelForCausalLM.from_pretrained(sharded)
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=f"{last}: truncated safetensors file"):
         AutoModelForCausalLM.from_pretrained(truncated)
 
 
@@ -355,3 +356,45 @@ def test_modules_to_not_convert_keeps_named_layers_float(ckpt_g64, g64_contents,
     assert type(layer0.mlp.down_proj) is torch.nn.Linear
     assert torch.equal(layer0.mlp.down_proj.weight, fp["model.layers.0.mlp.down_proj.weight"])
     assert isinstance(layer1.mlp.down_proj, W4A8Linear) and type(model.lm_head) is torch.nn.Linear
+
+
+# -- the checkpoint contract from the loader's side: tiny GPT-NeoX and BERT (issue 12) ------------------
+
+def _tiny():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_checkpoints", REPO / "tests" / "w4a8_dint" / "tiny_checkpoints.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "bert"])
+def test_checkpoint_with_derived_float_modules_loads(arch, tmp_path):
+    """What calibrate writes for these models (derived modules_to_not_convert) loads and runs the W4A8 layers."""
+    from transformers import AutoModelForCausalLM
+
+    from w4a8_dint.hf_integration.modules import W4A8Linear
+
+    tiny = _tiny()
+    src = tiny.tiny_model_dir(arch, tmp_path)
+    ckpt = tiny.rtn_checkpoint(src, tmp_path / "ckpt")
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    head = model.get_output_embeddings()
+    assert type(head) is torch.nn.Linear
+    assert torch.equal(head.weight, AutoModelForCausalLM.from_pretrained(src).get_output_embeddings().weight)
+    assert sum(isinstance(m, W4A8Linear) for m in model.modules()) == (8 if arch == "gpt_neox" else 12)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 7, 9]])).logits
+    assert logits.shape == (1, 4, 128) and torch.isfinite(logits).all()
+
+
+def test_bert_checkpoint_without_its_head_transform_in_the_float_list_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny = _tiny()
+    good = tiny.rtn_checkpoint(tiny.tiny_model_dir("bert", tmp_path), tmp_path / "ckpt")
+    bad = tiny.edited_copy(good, tmp_path / "bad", edit_config=lambda c: c["quantization_config"].update(
+        modules_to_not_convert=["lm_head", "cls.predictions.decoder"]))
+    with pytest.raises(CheckpointError, match=r"does not name cls.predictions.transform.dense \(a linear outside"):
+        AutoModelForCausalLM.from_pretrained(bad)
