@@ -205,11 +205,10 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
 # -- driver ------------------------------------------------------------------------------------
 
 def _model_path(name: str) -> str:
-    if name == "smollm2":
-        from w4a8_dint.embedded import embedded_model_dir
+    """``smollm2`` / ``gemma3`` (the offline models the package ships) or a local directory."""
+    from w4a8_dint.embedded import embedded_model_dir, gemma3_model_dir
 
-        return str(embedded_model_dir())
-    return name
+    return str({"smollm2": embedded_model_dir, "gemma3": gemma3_model_dir}.get(name, lambda: name)())
 
 
 def run_job(job: dict[str, Any], peer: Path) -> dict[str, Any]:
@@ -243,8 +242,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--model", default="smollm2", help="smollm2 (embedded) or a local HF model dir")
-    p.add_argument("--add-bos", action="store_true", help="prepend BOS when scoring (Gemma)")
+    p.add_argument("--model", default="smollm2", help="smollm2, gemma3 (offline packages) or a local HF model dir")
+    p.add_argument("--add-bos", action="store_true", help="prepend BOS when scoring (default: on for gemma3, which needs it)")
     p.add_argument("--groups", default="-1,64", help="comma list of group sizes (-1 = per channel)")
     p.add_argument("--recipes", default=",".join(RECIPES),
                    help=f"comma list of peer recipes {RECIPES} and/or ours {tuple(OURS)}")
@@ -276,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in recipes:
             job = {"model": model, "recipe": r, "group_size": g, "dataset": args.dataset, "samples": args.samples,
                    "seq_len": args.seq_len, "seed": args.seed, "eval_seq_len": 512, "eval_tokens": args.eval_tokens,
-                   "datasets": ["ptb", "c4"], "add_bos": args.add_bos, "threads": args.threads}
+                   "datasets": ["ptb", "c4"], "add_bos": args.add_bos or args.model == "gemma3", "threads": args.threads}
             print(f"[peer] {args.model} g{g} {r} ...", file=sys.stderr, flush=True)
             res = run_job(job, peer)
             row = {"model_name": args.model, "group_size": g, "recipe": r, "job": job, "result": res,
