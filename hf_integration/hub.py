@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from w4a8_dint.checkpoint import read_config, read_qconfig, shard_files, validate_checkpoint
 from w4a8_dint.config import QUANT_METHOD, W4A8Config
+from w4a8_dint.contract import check, read_checkpoint_config, weight_map
 from w4a8_dint.formats import FORMATS
 
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -43,6 +43,26 @@ class PushPlan:
         ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in sorted(self.files.items())]
         ops.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=self.card.encode("utf-8")))
         return ops
+
+
+class PushError(RuntimeError):
+    """The upload did not happen (no token, offline, the Hub refused); the message is one line for the user."""
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """``name`` if it can only be a Hub model id (``org/name`` syntax, not a path on this machine), else None.
+
+    The card's ``base_model`` links to the Hub; a local path there is a broken link and leaks the path.
+    """
+    if not name or name.startswith((".", "/", "~")) or "\\" in name or Path(name).expanduser().exists():
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 # -- model card ---------------------------------------------------------------------------------
@@ -89,11 +109,10 @@ def build_model_card(model_dir: str | Path, repo_id: str, base_model: str | None
     from huggingface_hub import ModelCardData
 
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
+    cfg, qcfg = read_checkpoint_config(model_dir)
     qdict = cfg["quantization_config"]
-    qcfg = W4A8Config.from_dict(qdict)
     table = FORMATS[qcfg.format]
-    base_model = base_model or qcfg.calibration.get("base_model") or qcfg.calibration.get("source_model")
+    base_model = hub_model_id(base_model or qcfg.calibration.get("base_model") or qcfg.calibration.get("source_model"))
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -190,14 +209,14 @@ def plan_push(model_dir: str | Path, repo_id: str, private: bool = False, base_m
               eval_results: dict | list | None = None) -> PushPlan:
     """Validate the checkpoint and list what a push uploads (no network)."""
     model_dir = Path(model_dir)
-    validate_checkpoint(model_dir)  # config, every shard, every quantized layer
-    qcfg = read_qconfig(model_dir)
+    check(model_dir)  # the whole checkpoint contract, before anything else
+    qcfg = read_checkpoint_config(model_dir)[1]
     files = {
         p.name: p for p in sorted(model_dir.iterdir())
         if p.is_file() and not p.name.startswith(_SKIP_PREFIXES) and p.name != CARD_FILE
         and p.suffix not in (".bin", ".pt", ".pth", ".pkl")
     }
-    weights = set(shard_files(model_dir).values())
+    weights = set(weight_map(model_dir).values())
     missing = sorted(weights - set(files))
     if missing:
         raise FileNotFoundError(f"{model_dir}: shards {missing} are not plain files in the directory")
@@ -216,12 +235,37 @@ def push_to_hub(model_dir: str | Path, repo_id: str, token: str | None = None, p
     plan = plan_push(model_dir, repo_id, private, base_model, eval_results)
     if dry_run:
         return plan
-    if api is None:
-        from huggingface_hub import HfApi
+    import huggingface_hub
 
-        api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
-    info = api.create_commit(repo_id, plan.operations(), commit_message=plan.commit_message, repo_type="model",
-                             token=token)
+    if api is None:
+        if not (token or huggingface_hub.get_token()):
+            raise PushError(f"push to {repo_id}: no Hugging Face token (pass --token, set HF_TOKEN or run "
+                            "`hf auth login`); nothing was uploaded")
+        api = huggingface_hub.HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
+        info = api.create_commit(repo_id, plan.operations(), commit_message=plan.commit_message, repo_type="model",
+                                 token=token)
+    except Exception as e:  # noqa: BLE001 -- every Hub/network failure becomes one line; nothing half-uploaded
+        raise PushError(f"push to {repo_id}: {_hub_failure(e)}; nothing was uploaded (the commit is atomic)") from e
     plan.extra["commit"] = getattr(info, "commit_url", None) or str(info)
     return plan
+
+
+def _hub_failure(e: Exception) -> str:
+    """What went wrong talking to the Hub, in words (huggingface_hub and httpx raise these)."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    if isinstance(e, LocalTokenNotFoundError):
+        return "no Hugging Face token (pass --token, set HF_TOKEN or run `hf auth login`)"
+    if isinstance(e, OfflineModeIsEnabled):
+        return "offline mode is on (HF_HUB_OFFLINE=1), the Hub cannot be reached"
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if status == 401:
+            return f"the Hub refused the token (401 Unauthorized: {first})"
+        return f"the Hub answered {status or 'an error'}: {first}"
+    if isinstance(e, (ConnectionError, TimeoutError, OSError)) or type(e).__module__.startswith(("httpx", "httpcore")):
+        return f"cannot reach the Hub ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+    raise e

@@ -18,8 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from w4a8_dint.checkpoint import CheckpointError
-    from w4a8_dint.hf_integration.hub import CARD_FILE, push_to_hub
+    from w4a8_dint.contract import CheckpointError
+    from w4a8_dint.hf_integration.hub import CARD_FILE, PushError, push_to_hub
 
     eval_results = None
     if args.eval_results:
@@ -30,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
                            eval_results=eval_results, base_model=args.base_model, dry_run=args.dry_run)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"refusing to push: {e}")
+        return 1
+    except PushError as e:
+        print(f"push failed: {e}")
         return 1
     files = sorted([*plan.files, CARD_FILE])
     if args.dry_run:

@@ -9,6 +9,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from w4a8_dint import formats as F
@@ -42,6 +43,7 @@ def hub(monkeypatch) -> RecordingHub:
     import huggingface_hub
 
     rec = RecordingHub()
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")  # a token exists; the patched API never sends it
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: rec.create_repo(repo_id, **kw))
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit",
                         lambda self, repo_id, operations, **kw: rec.create_commit(repo_id, operations, **kw))
@@ -124,3 +126,134 @@ def test_push_cli_dry_run_lists_files_and_card(hub, sharded_ckpt):
     out = buf.getvalue()
     assert "config.json" in out and "README.md" in out and "model-00001-of-" in out and "quantization_config" in out
     assert not hub.repos and not hub.commits
+
+
+# -- issue 12: push validates with the contract first; Hub failures are one line; base_model only for Hub ids ---
+
+def _tiny():
+    import importlib.util
+
+    from .conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("tiny_checkpoints", REPO / "tests" / "w4a8_dint" / "tiny_checkpoints.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    tiny = _tiny()
+    root = tmp_path_factory.mktemp("tiny-push")
+    return tiny.rtn_checkpoint(tiny.tiny_model_dir("llama", root), root / "ckpt")
+
+
+def _push_cli(*args: str) -> tuple[int, str]:
+    from w4a8_dint.cli import main
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = main(["push", *args])
+    return rc, buf.getvalue().strip()
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("quantized_lm_head", "lm_head.qweight: lm_head is quantized while it is in modules_to_not_convert"),
+    ("missing_norm", "tensors missing from the checkpoint (loaders would randomly initialise them): ['model.norm.weight']"),
+    ("input_scale_on_per_token", "model.layers.1.self_attn.o_proj.input_scale: present"),
+    ("absurd_scale", "model.layers.0.mlp.down_proj.weight_scale: 1 value(s) above the bound 10000"),
+])
+def test_push_refuses_what_the_contract_refuses_and_uploads_nothing(hub, tiny_ckpt, tmp_path, case, needle):
+    from w4a8_dint import formats as F
+
+    def edit(t):
+        if case == "quantized_lm_head":
+            qw = F.quantize_weight(t["model.embed_tokens.weight"].float(), F.get_format("dint4-a"), 32)
+            t["lm_head.qweight"], t["lm_head.weight_scale"] = qw.packed, qw.scales
+        elif case == "missing_norm":
+            del t["model.norm.weight"]
+        elif case == "input_scale_on_per_token":
+            t["model.layers.1.self_attn.o_proj.input_scale"] = torch.tensor([0.1])
+        else:
+            t["model.layers.0.mlp.down_proj.weight_scale"] = t["model.layers.0.mlp.down_proj.weight_scale"].clone()
+            t["model.layers.0.mlp.down_proj.weight_scale"][0, 0] = 3e38
+
+    bad = _tiny().edited_copy(tiny_ckpt, tmp_path / "bad", edit)
+    rc, out = _push_cli(str(bad), "someone/x")
+    assert rc == 1 and out.startswith("refusing to push: ") and needle in out and "\n" not in out, out
+    assert not hub.repos and not hub.commits
+
+
+def _raise(exc):
+    def api_call(self, *a, **kw):
+        raise exc
+    return api_call
+
+
+def _hub_errors():
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
+    unauthorized = httpx.Response(401, request=request, text="Invalid credentials in Authorization header")
+    return {
+        "offline": (OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/repos/create: offline mode is "
+                                         "enabled. To disable it, please unset the `HF_HUB_OFFLINE` environment "
+                                         "variable."), "offline mode is on (HF_HUB_OFFLINE=1)"),
+        "no_token": (LocalTokenNotFoundError("Token is required (`token=True`), but no token found."),
+                     "no Hugging Face token (pass --token, set HF_TOKEN or run `hf auth login`)"),
+        "bad_token": (HfHubHTTPError("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create",
+                                     response=unauthorized), "the Hub refused the token (401 Unauthorized"),
+        "network": (httpx.ConnectError("[Errno -3] Temporary failure in name resolution"),
+                    "cannot reach the Hub (ConnectError: [Errno -3] Temporary failure in name resolution)"),
+    }
+
+
+@pytest.mark.parametrize("case", ["offline", "no_token", "bad_token", "network"])
+def test_push_hub_failures_are_one_line_and_nonzero(monkeypatch, tiny_ckpt, case):
+    import huggingface_hub
+
+    exc, needle = _hub_errors()[case]
+    commits = []
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", _raise(exc))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, *a, **kw: commits.append(a))
+    rc, out = _push_cli(str(tiny_ckpt), "someone/x")
+    assert rc == 1 and "\n" not in out and "Traceback" not in out, out
+    assert out.startswith("push failed: push to someone/x: ") and needle in out and "nothing was uploaded" in out
+    assert not commits
+
+
+def test_push_without_any_token_stops_before_the_network(monkeypatch, tiny_ckpt):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **kw: calls.append(a))
+    rc, out = _push_cli(str(tiny_ckpt), "someone/x")
+    assert rc == 1 and out == ("push failed: push to someone/x: no Hugging Face token (pass --token, set HF_TOKEN or "
+                               "run `hf auth login`); nothing was uploaded")
+    assert not calls
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ("/root/.cache/w4a8_dint/smollm2-135m-instruct", None),
+    ("./models/llama", None),
+    ("~/models/llama", None),
+])
+def test_card_base_model_only_for_hub_ids(tiny_ckpt, tmp_path, source, expected):
+    ckpt = _tiny().edited_copy(tiny_ckpt, tmp_path / "ck", edit_config=lambda c: c["quantization_config"][
+        "calibration"].update(source_model=source))
+    front = yaml.safe_load(build_model_card(ckpt, "someone/x").split("---")[1])
+    assert front.get("base_model") == expected
+    assert ("base_model_relation" in front) == (expected is not None)
+
+
+def test_card_base_model_not_for_an_existing_local_dir(tiny_ckpt, tmp_path, monkeypatch):
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # "org/model" is valid Hub syntax, but here it names a local directory
+    ckpt = _tiny().edited_copy(tiny_ckpt, tmp_path / "ck", edit_config=lambda c: c["quantization_config"][
+        "calibration"].update(source_model="org/model"))
+    assert "base_model" not in yaml.safe_load(build_model_card(ckpt, "someone/x").split("---")[1])
