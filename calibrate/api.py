@@ -22,6 +22,7 @@ import torch
 
 from w4a8_dint import __version__
 from w4a8_dint.checkpoint import write_checkpoint
+from w4a8_dint.contract import structure_from_model
 from w4a8_dint.config import LayerPolicy, W4A8Config
 from w4a8_dint.embedded import DEFAULT_MODEL_NAME, resolve_model
 from w4a8_dint.formats import CodeTable, get_format
@@ -237,8 +238,11 @@ def _run(run: _Run, out: Path, cfg: CalibrationConfig, model, tokenizer, seq_len
             rounding=cfg.rounding, calibration=calibration, rotation=run.rotation,
         )
         entries = {**passthrough_entries(run.skeleton, run.model_dir, run.quantized_layers), **spill.entries}
+        # write_checkpoint runs the checkpoint contract on the temp dir before its rename; a custom-code model
+        # cannot be rebuilt from config.json there (trust_remote_code is off), so it is checked against our skeleton.
+        structure = structure_from_model(run.skeleton.model) if cfg.trust_remote_code else None
         write_checkpoint(out, LazyTensors(entries), read_hf_config(run.model_dir), qconfig,
-                         source_dir=run.model_dir, overwrite=cfg.overwrite)
+                         source_dir=run.model_dir, overwrite=cfg.overwrite, model_structure=structure)
     _say(cfg, f"wrote {out} ({cfg.method}, {cfg.rounding} rounding, {run.table.name}, group {run.group_size}, {run.quantized_layers} layers, "
               f"{time.perf_counter() - start:.0f} s, peak resident decoder layers: {stream.stats.peak_layers_resident})")
     return out

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -342,7 +341,9 @@ def rotate_model(model: nn.Module, seed: int = 0) -> dict[str, Any]:
 # -- directories ---------------------------------------------------------------------------------
 
 def _source_dtype(model_dir: Path) -> torch.dtype:
-    cfg = json.loads((model_dir / "config.json").read_text())
+    from w4a8_dint.contract import read_hf_config  # the one config reader (errors name the file)
+
+    cfg = read_hf_config(model_dir)
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     dtype = getattr(torch, str(name), None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32

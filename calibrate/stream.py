@@ -15,7 +15,6 @@ Resident: non-layer modules + one layer + the calibration activations (+ the sma
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,4 +320,7 @@ def passthrough_entries(skeleton: ModelSkeleton, model_dir: Path, quantized_laye
 
 
 def read_hf_config(model_dir: Path) -> dict:
-    return json.loads((Path(model_dir) / "config.json").read_text())
+    """config.json via the checkpoint contract's one config reader (errors name the file)."""
+    from w4a8_dint.contract import read_hf_config as read
+
+    return read(model_dir)

@@ -314,12 +314,11 @@ def load_hf(model_path: str | Path, dtype: str = "auto", device: str = "cpu"):
 
 def quantization_summary(model_path: str | Path) -> dict[str, Any] | None:
     """The checkpoint's quantization_config essentials, or None for a float model."""
-    import json
+    from w4a8_dint.contract import read_hf_config  # the one config reader (errors name the file)
 
-    cfg_path = Path(model_path) / "config.json"
-    if not cfg_path.is_file():
+    if not (Path(model_path) / "config.json").is_file():
         return None
-    q = json.loads(cfg_path.read_text()).get("quantization_config")
+    q = read_hf_config(model_path).get("quantization_config")
     if not q:
         return None
     keys = ("quant_method", "method", "group_size", "act_mode")

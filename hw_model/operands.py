@@ -16,7 +16,6 @@ are the same ``(layer, m, n, k0)`` draws for every unit, so units see the same d
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,8 +189,9 @@ def _decoder_layer_indices(num_layers: int, how_many: int) -> list[int]:
 
 
 def _is_w4a8_checkpoint(model_dir: Path) -> bool:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    q = cfg.get("quantization_config") or {}
+    from w4a8_dint.contract import read_hf_config  # the one config reader (errors name the file)
+
+    q = read_hf_config(model_dir).get("quantization_config") or {}
     return q.get("quant_method") == "w4a8-dint"
 
 

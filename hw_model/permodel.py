@@ -14,7 +14,6 @@ whole-model line shows how much the linear-layer saving is diluted.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +44,11 @@ class ModelMacs:
 
 
 def _read_config(model_dir: Path) -> dict:
-    p = model_dir / "config.json"
-    if not p.is_file():
+    from w4a8_dint.contract import read_hf_config  # the one config reader (errors name the file)
+
+    if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json")
-    return json.loads(p.read_text())
+    return read_hf_config(model_dir)
 
 
 def _quantized_prefixes(model_dir: Path, cfg: dict) -> set[str] | None:
