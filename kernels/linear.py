@@ -6,58 +6,35 @@ that can together with the reasons the others were skipped, so callers log
 which kernel runs. None of them ever falls back to 16-bit activations: the
 activations are always quantized to INT8 and multiplied as integers.
 
-Lifecycle: ``kernel = Cls(spec)``; ``state = kernel.prepare(qweight, weight_scale)``
-once at load (e.g. expand codes to int8); ``kernel.apply(state, x, ...)`` per call.
+The contract (``W4A8LayerSpec``, ``W4A8LinearKernel``) is in ``kernels/base.py``;
+the kernel list :data:`KERNELS` is static (nothing registers into it at import).
+Lifecycle: ``kernel = Cls(spec)``; ``state = kernel.prepare(qweight, weight_scale,
+weight_group_mult)`` once at load (e.g. expand codes to int8); ``kernel.apply(state, x, ...)``
+per call.
+
+Two-level scales (formats.py) make every kernel run ONE integer GEMM per layer: the
+CPU kernels fold the group multiplier into the int8 expansion (``2v * m``) at load,
+the Triton kernel multiplies the decoded codes by ``m`` in registers; all apply the
+per-channel scale ``s / 2`` once.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 
-from w4a8_dint.formats import CodeTable, QuantizedWeight, expand_to_int8
+from w4a8_dint.formats import QuantizedWeight
 from w4a8_dint.kernels import ops as _ops  # noqa: F401  (registers torch.ops.w4a8_dint.*)
+from w4a8_dint.kernels.base import AbsmaxReduce, W4A8LayerSpec, W4A8LinearKernel
+from w4a8_dint.kernels.cpu_onednn import OneDnnInt8Kernel
 from w4a8_dint.reference import w4a8_linear_reference
 
+__all__ = ["KERNELS", "AbsmaxReduce", "CpuInt8Kernel", "OneDnnInt8Kernel", "ReferenceKernel", "TritonW4A8Kernel",
+           "W4A8LayerSpec", "W4A8LinearKernel", "choose_kernel"]
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class W4A8LayerSpec:
-    """What a kernel needs to know about one quantized linear."""
-
-    out_features: int  # N
-    in_features: int  # K
-    group_size: int  # effective group size (K for per channel)
-    table: CodeTable
-    act_mode: str  # "per-token" | "per-tensor"
-
-
-class W4A8LinearKernel(ABC):
-    name: str = "abstract"
-
-    def __init__(self, spec: W4A8LayerSpec) -> None:
-        self.spec = spec
-
-    @classmethod
-    @abstractmethod
-    def can_implement(cls, spec: W4A8LayerSpec, device: torch.device) -> tuple[bool, str | None]:
-        """``(True, None)`` or ``(False, why not)``."""
-
-    @abstractmethod
-    def prepare(self, qweight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Turn checkpoint tensors into what :meth:`apply` consumes (done once at load)."""
-
-    @abstractmethod
-    def apply(
-        self, state: dict[str, torch.Tensor], x: torch.Tensor, input_scale: torch.Tensor | None = None,
-        smooth_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``x [..., K]`` -> ``[..., N]`` in ``x.dtype``."""
 
 
 class ReferenceKernel(W4A8LinearKernel):
@@ -69,19 +46,26 @@ class ReferenceKernel(W4A8LinearKernel):
     def can_implement(cls, spec, device):
         return True, None
 
-    def prepare(self, qweight, weight_scale):
-        return {"qweight": qweight, "weight_scale": weight_scale}
+    def prepare(self, qweight, weight_scale, weight_group_mult=None):
+        qw = self.quantized_weight(qweight, weight_scale, weight_group_mult)
+        state = {"qweight": qw.packed, "weight_scale": qw.scales}
+        if qw.group_mult is not None:
+            state["group_mult"] = qw.group_mult
+        return state
 
-    def apply(self, state, x, input_scale=None, smooth_scale=None, bias=None):
-        qw = QuantizedWeight(state["qweight"], state["weight_scale"], self.spec.table, self.spec.group_size)
+    def apply(self, state, x, input_scale=None, smooth_scale=None, bias=None, absmax_reduce=None):
+        self.refuse_absmax_reduce(absmax_reduce)
+        qw = QuantizedWeight(state["qweight"], state["weight_scale"], self.spec.table, self.spec.group_size,
+                             state.get("group_mult"))
         return w4a8_linear_reference(x, qw, self.spec.act_mode, input_scale, smooth_scale, bias)
 
 
 class CpuInt8Kernel(W4A8LinearKernel):
-    """CPU: codes expanded once to int8 (2 * value), then exact int8 x int8 -> int32 GEMMs.
+    """CPU: codes expanded once to int8 (2 * value, times m for two-level), then exact int8 x int8 -> int32 GEMMs.
 
     Same integer math and epilogue order as the reference, so outputs are bit-identical.
-    Memory: the int8 expansion is 2x the packed weight (still half of bf16).
+    Per-channel and two-level layers are one ``torch._int_mm`` per call; float group
+    scales need one per group. Memory: the int8 expansion is 2x the packed weight (half of bf16).
     """
 
     name = "cpu-int8"
@@ -92,19 +76,22 @@ class CpuInt8Kernel(W4A8LinearKernel):
             return False, f"runs on CPU tensors only (got {device})"
         return True, None
 
-    def prepare(self, qweight, weight_scale):
+    def prepare(self, qweight, weight_scale, weight_group_mult=None):
+        w8, half_scales = self.quantized_weight(qweight, weight_scale, weight_group_mult).int8_expansion()
         # Stored K-major ([K, N] storage viewed as [N, K]): every group slice w8[:, k0:k1].t() is then a
         # contiguous [G, N] block, which is what torch._int_mm wants, so no call copies the weight.
         return {
-            "w8": expand_to_int8(qweight, self.spec.table).t().contiguous().t(),
-            "half_scales": (weight_scale.float() * 0.5).contiguous(),
+            "w8": w8.t().contiguous().t(),
+            "half_scales": half_scales.contiguous(),  # [N, 1] for per-channel and two-level
             "lut": self.spec.table.expansion_lut(qweight.device),
         }
 
-    def apply(self, state, x, input_scale=None, smooth_scale=None, bias=None):
+    def apply(self, state, x, input_scale=None, smooth_scale=None, bias=None, absmax_reduce=None):
+        self.refuse_absmax_reduce(absmax_reduce)
         # Through the custom op (kernels/ops.py) so a torch.compile graph sees one opaque node.
+        epilogue_group = self.spec.in_features // self.spec.epilogue_groups
         return torch.ops.w4a8_dint.w4a8_linear(
-            x, state["w8"], state["half_scales"], state["lut"], self.spec.group_size, self.spec.act_mode,
+            x, state["w8"], state["half_scales"], state["lut"], epilogue_group, self.spec.act_mode,
             input_scale, smooth_scale, bias,
         )
 
@@ -113,7 +100,8 @@ class TritonW4A8Kernel(W4A8LinearKernel):
     """CUDA: Triton kernels on the packed 4-bit weight (kernels/triton_w4a8.py), via the custom op.
 
     Codes stay packed (4-bit bandwidth) and are decoded to int8 inside the GEMM through the
-    format's 16-entry table; int8 x int8 -> int32 tensor-core dots; bit-identical to the reference.
+    format's 16-entry table (times the group multiplier for two-level scales); int8 x int8 -> int32
+    tensor-core dots; bit-identical to the reference.
     """
 
     name = "triton-w4a8"
@@ -129,22 +117,28 @@ class TritonW4A8Kernel(W4A8LinearKernel):
         why = unsupported_reason(spec.in_features, spec.group_size)
         return (why is None), why
 
-    def prepare(self, qweight, weight_scale):
-        return {
-            "qweight": qweight.contiguous(),
-            "half_scales": (weight_scale.float() * 0.5).contiguous(),
+    def prepare(self, qweight, weight_scale, weight_group_mult=None):
+        qw = self.quantized_weight(qweight, weight_scale, weight_group_mult)
+        state = {
+            "qweight": qw.packed.contiguous(),
+            "half_scales": (qw.scales * 0.5).contiguous(),  # [N, 1] for two-level: per-channel epilogue
             "lut": self.spec.table.expansion_lut(qweight.device),
         }
+        if qw.group_mult is not None:
+            state["group_mult"] = qw.group_mult.to(qweight.device).contiguous()  # uint8 [N, K // G]
+        return state
 
-    def apply(self, state, x, input_scale=None, smooth_scale=None, bias=None):
+    def apply(self, state, x, input_scale=None, smooth_scale=None, bias=None, absmax_reduce=None):
+        self.refuse_absmax_reduce(absmax_reduce)
         return torch.ops.w4a8_dint.w4a8_linear(
             x, state["qweight"], state["half_scales"], state["lut"], self.spec.group_size, self.spec.act_mode,
-            input_scale, smooth_scale, bias,
+            input_scale, smooth_scale, bias, state.get("group_mult"),
         )
 
 
-# Preference order: the GPU kernel first (it says why it cannot run elsewhere), then CPU, then the reference.
-KERNELS: list[type[W4A8LinearKernel]] = [TritonW4A8Kernel, CpuInt8Kernel, ReferenceKernel]
+# Preference order: the GPU kernel first (it says why it cannot run elsewhere), then vLLM-CPU's oneDNN
+# (only where vLLM is loaded), the plain-torch CPU kernel, and the reference.
+KERNELS: tuple[type[W4A8LinearKernel], ...] = (TritonW4A8Kernel, OneDnnInt8Kernel, CpuInt8Kernel, ReferenceKernel)
 
 
 def choose_kernel(

@@ -4,7 +4,7 @@ Importing this module registers three ops in the ``w4a8_dint`` namespace. Each h
 fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through it
 without running it. Signatures are stable:
 
-``torch.ops.w4a8_dint.w4a8_linear(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias) -> Tensor``
+``torch.ops.w4a8_dint.w4a8_linear(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias, group_mult=None) -> Tensor``
     The whole layer: ``x / smooth`` -> INT8 activation quantization -> integer GEMM ->
     float32 epilogue (+ bias) -> ``x.dtype``. Bit-identical to
     ``reference.w4a8_linear_reference`` on CPU (and on CUDA, see ``kernels/triton_w4a8.py``).
@@ -19,11 +19,15 @@ without running it. Signatures are stable:
     * ``input_scale``  float32 ``[1]`` or ``None``
     * ``smooth_scale`` float ``[K]`` or ``None``; the input is divided by it before quantization
     * ``bias``         float ``[N]`` or ``None``; added in float32 after the scales
+    * ``group_mult``   ``None``, or two-level weights (formats.py): ``uint8 [N, K // group_size]`` integer
+                       multipliers of packed codes; ``half_scales`` is then per channel ``[N, 1]`` (``s / 2``)
+                       and the layer is one integer GEMM (CPU callers pass the int8 expansion ``2v * m``
+                       instead, with ``group_size = K`` and no ``group_mult``)
 
 ``torch.ops.w4a8_dint.quantize_activation(x, act_mode, input_scale, smooth_scale) -> (q, scale)``
     ``x [M, K]`` -> ``q int8 [M, K]``, ``scale float32 [M, 1]`` (the first half of the layer).
 
-``torch.ops.w4a8_dint.w4a8_gemm(q_x, act_scale, weight, half_scales, lut, group_size, bias, out_dtype) -> Tensor``
+``torch.ops.w4a8_dint.w4a8_gemm(q_x, act_scale, weight, half_scales, lut, group_size, bias, out_dtype, group_mult=None) -> Tensor``
     ``q_x int8 [M, K]``, ``act_scale float32 [M, 1]`` -> ``out_dtype [M, N]`` (the second half).
 
 Dispatch is by device: CPU (and any device without a registered kernel) runs the exact
@@ -41,7 +45,7 @@ from typing import Optional
 
 import torch
 
-from w4a8_dint.formats import PER_CHANNEL, FormatError, unpack_codes
+from w4a8_dint.formats import PER_CHANNEL, FormatError, multiply_groups, unpack_codes
 from w4a8_dint.reference import ACT_MODES, int_matmul_grouped, quantize_activation, w4a8_epilogue
 
 NAMESPACE = "w4a8_dint"
@@ -67,7 +71,7 @@ def effective_group_size(k: int, group_size: int) -> int:
 
 def check_gemm_args(
     k: int, weight: torch.Tensor, half_scales: torch.Tensor, lut: torch.Tensor, group_size: int,
-    bias: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], group_mult: Optional[torch.Tensor] = None,
 ) -> tuple[int, int]:
     """Validate shapes; return ``(N, effective group size)``."""
     n, wk = weight_shape(weight)
@@ -76,7 +80,15 @@ def check_gemm_args(
     g = effective_group_size(k, group_size)
     if g <= 0 or k % g:
         raise FormatError(f"group size {group_size} does not divide K={k}")
-    if tuple(half_scales.shape) != (n, k // g):
+    if group_mult is not None:
+        if weight.dtype != torch.uint8:
+            raise FormatError("group_mult (two-level scales) goes with packed uint8 codes; pass int8 expansions without it")
+        if group_mult.dtype != torch.uint8 or tuple(group_mult.shape) != (n, k // g):
+            raise FormatError(f"group_mult must be uint8 [N, K // G] = {(n, k // g)}, got "
+                              f"{group_mult.dtype} {tuple(group_mult.shape)}")
+        if tuple(half_scales.shape) != (n, 1):
+            raise FormatError(f"two-level half_scales must be per channel [N, 1] = {(n, 1)}, got {tuple(half_scales.shape)}")
+    elif tuple(half_scales.shape) != (n, k // g):
         raise FormatError(f"half_scales must be [N, K // G] = {(n, k // g)}, got {tuple(half_scales.shape)}")
     if weight.dtype == torch.uint8 and (lut.dtype != torch.int8 or lut.numel() != 16):
         raise FormatError(f"lut must be int8 [16] (CodeTable.expansion_lut()), got {lut.dtype} {tuple(lut.shape)}")
@@ -98,11 +110,17 @@ def check_act_args(k: int, act_mode: str, input_scale: Optional[torch.Tensor], s
 
 # -- the exact torch path (CPU; also the fallback on any device) --------------------------
 
-def expand_weight(weight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """int8 ``[N, K]`` expansion; packed weights go through ``lut`` (the format's table, never a copy)."""
+def expand_weight(
+    weight: torch.Tensor, lut: torch.Tensor, group_mult: Optional[torch.Tensor] = None, group_size: int = PER_CHANNEL,
+) -> torch.Tensor:
+    """int8 ``[N, K]`` expansion; packed weights go through ``lut`` (the format's table, never a copy).
+
+    Two-level weights (``group_mult``) come out as ``2v * m``: one integer GEMM with a per-channel epilogue.
+    """
     if weight.dtype == torch.int8:
         return weight
-    return lut.to(weight.device)[unpack_codes(weight).long()]
+    w8 = lut.to(weight.device)[unpack_codes(weight).long()]
+    return w8 if group_mult is None else multiply_groups(w8, group_mult, group_size)
 
 
 def _quantize_activation_torch(
@@ -118,11 +136,11 @@ def _quantize_activation_torch(
 
 def _w4a8_gemm_torch(
     q_x: torch.Tensor, act_scale: torch.Tensor, weight: torch.Tensor, half_scales: torch.Tensor, lut: torch.Tensor,
-    group_size: int, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+    group_size: int, bias: Optional[torch.Tensor], out_dtype: torch.dtype, group_mult: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     k = q_x.shape[1]
-    g = effective_group_size(k, group_size)
-    w8 = expand_weight(weight, lut)
+    w8 = expand_weight(weight, lut, group_mult, group_size)
+    g = k if group_mult is not None else effective_group_size(k, group_size)  # two-level: one GEMM
     half_scales = half_scales.float()
     if g == k:
         y = w4a8_epilogue(int_matmul_grouped(q_x, w8, g), half_scales, act_scale.float())
@@ -176,38 +194,39 @@ def _(x, act_mode, input_scale, smooth_scale):
 @torch.library.custom_op(f"{NAMESPACE}::w4a8_gemm", mutates_args=())
 def w4a8_gemm_op(
     q_x: torch.Tensor, act_scale: torch.Tensor, weight: torch.Tensor, half_scales: torch.Tensor, lut: torch.Tensor,
-    group_size: int, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+    group_size: int, bias: Optional[torch.Tensor], out_dtype: torch.dtype, group_mult: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    check_gemm_args(q_x.shape[1], weight, half_scales, lut, group_size, bias)
-    return _w4a8_gemm_torch(q_x, act_scale, weight, half_scales, lut, group_size, bias, out_dtype)
+    check_gemm_args(q_x.shape[1], weight, half_scales, lut, group_size, bias, group_mult)
+    return _w4a8_gemm_torch(q_x, act_scale, weight, half_scales, lut, group_size, bias, out_dtype, group_mult)
 
 
 @w4a8_gemm_op.register_fake
-def _(q_x, act_scale, weight, half_scales, lut, group_size, bias, out_dtype):
-    n, _ = check_gemm_args(q_x.shape[1], weight, half_scales, lut, group_size, bias)
+def _(q_x, act_scale, weight, half_scales, lut, group_size, bias, out_dtype, group_mult=None):
+    n, _ = check_gemm_args(q_x.shape[1], weight, half_scales, lut, group_size, bias, group_mult)
     return q_x.new_empty((q_x.shape[0], n), dtype=out_dtype)
 
 
 @w4a8_gemm_op.register_kernel("cuda")
-def _(q_x, act_scale, weight, half_scales, lut, group_size, bias, out_dtype):
-    check_gemm_args(q_x.shape[1], weight, half_scales, lut, group_size, bias)
+def _(q_x, act_scale, weight, half_scales, lut, group_size, bias, out_dtype, group_mult=None):
+    check_gemm_args(q_x.shape[1], weight, half_scales, lut, group_size, bias, group_mult)
     if not _triton_enabled():
-        return _w4a8_gemm_torch(q_x, act_scale, weight, half_scales, lut, group_size, bias, out_dtype)
+        return _w4a8_gemm_torch(q_x, act_scale, weight, half_scales, lut, group_size, bias, out_dtype, group_mult)
     from w4a8_dint.kernels.triton_w4a8 import w4a8_gemm_triton
 
-    return w4a8_gemm_triton(q_x, act_scale, weight, half_scales, lut, group_size, bias, out_dtype)
+    return w4a8_gemm_triton(q_x, act_scale, weight, half_scales, lut, group_size, bias, out_dtype, None, group_mult)
 
 
 # -- op: w4a8_linear (the whole layer) -------------------------------------------------
 
-def _check_linear_args(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias) -> int:
+def _check_linear_args(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias,
+                       group_mult=None) -> int:
     if x.dim() < 1:
         raise FormatError("x must have a last (input feature) dimension")
     if x.dtype not in OUTPUT_DTYPES:
         raise FormatError(f"x must be float32/bfloat16/float16, got {x.dtype}")
     k = x.shape[-1]
     check_act_args(k, act_mode, input_scale, smooth_scale)
-    n, _ = check_gemm_args(k, weight, half_scales, lut, group_size, bias)
+    n, _ = check_gemm_args(k, weight, half_scales, lut, group_size, bias, group_mult)
     return n
 
 
@@ -215,31 +234,36 @@ def _check_linear_args(x, weight, half_scales, lut, group_size, act_mode, input_
 def w4a8_linear_op(
     x: torch.Tensor, weight: torch.Tensor, half_scales: torch.Tensor, lut: torch.Tensor, group_size: int,
     act_mode: str, input_scale: Optional[torch.Tensor], smooth_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    group_mult: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    n = _check_linear_args(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias)
+    n = _check_linear_args(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias,
+                           group_mult)
     x2 = x.reshape(-1, x.shape[-1])
     q_x, s_x = _quantize_activation_torch(x2, act_mode, input_scale, smooth_scale)
-    y = _w4a8_gemm_torch(q_x, s_x, weight, half_scales, lut, group_size, bias, x.dtype)
+    y = _w4a8_gemm_torch(q_x, s_x, weight, half_scales, lut, group_size, bias, x.dtype, group_mult)
     return y.reshape(*x.shape[:-1], n)
 
 
 @w4a8_linear_op.register_fake
-def _(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias):
-    n = _check_linear_args(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias)
+def _(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias, group_mult=None):
+    n = _check_linear_args(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias,
+                           group_mult)
     return x.new_empty((*x.shape[:-1], n))
 
 
 @w4a8_linear_op.register_kernel("cuda")
-def _(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias):
-    n = _check_linear_args(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias)
+def _(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias, group_mult=None):
+    n = _check_linear_args(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias,
+                           group_mult)
     x2 = x.reshape(-1, x.shape[-1])
     if not _triton_enabled():
         q_x, s_x = _quantize_activation_torch(x2, act_mode, input_scale, smooth_scale)
-        y = _w4a8_gemm_torch(q_x, s_x, weight, half_scales, lut, group_size, bias, x.dtype)
+        y = _w4a8_gemm_torch(q_x, s_x, weight, half_scales, lut, group_size, bias, x.dtype, group_mult)
     else:
         from w4a8_dint.kernels.triton_w4a8 import w4a8_linear_triton
 
-        y = w4a8_linear_triton(x2, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias)
+        y = w4a8_linear_triton(x2, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias,
+                               None, group_mult)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -247,8 +271,9 @@ def w4a8_linear(
     x: torch.Tensor, weight: torch.Tensor, half_scales: torch.Tensor, lut: torch.Tensor, group_size: int,
     act_mode: str = "per-token", input_scale: Optional[torch.Tensor] = None,
     smooth_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+    group_mult: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Keyword-friendly front door to ``torch.ops.w4a8_dint.w4a8_linear``."""
     return torch.ops.w4a8_dint.w4a8_linear(
-        x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias
+        x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias, group_mult
     )

@@ -62,18 +62,18 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, **options) -> Com
 
 def compile_gemm(
     config: T.GemmConfig, grouped: bool, group_size: int = 128, packed: bool = True, has_bias: bool = True,
-    even_k: bool = True, out_dtype: str = "bf16", arch: int = 90,
+    even_k: bool = True, out_dtype: str = "bf16", arch: int = 90, two_level: bool = False,
 ) -> CompiledInfo:
     signature = {
         "a_ptr": "*i8", "a_scale_ptr": "*fp32", "w_ptr": "*u8" if packed else "*i8", "hs_ptr": "*fp32",
-        "lut_ptr": "*i8", "lut_words_ptr": "*i32", "bias_ptr": f"*{out_dtype}", "out_ptr": f"*{out_dtype}",
+        "lut_ptr": "*i8", "lut_words_ptr": "*i32", "mult_ptr": "*u8" if two_level else "*i8", "bias_ptr": f"*{out_dtype}", "out_ptr": f"*{out_dtype}",
         "part_ptr": "*i32" if config.split_k > 1 else f"*{out_dtype}",
         "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_hn": "i32",
-        "stride_om": "i32", "M_BUCKET": "i32",
+        "stride_mn": "i32", "stride_om": "i32", "M_BUCKET": "i32",
     }
     constexprs = dict(
         GROUPED=grouped, GROUP_SIZE=group_size if grouped else 1, PACKED=packed, DECODE=config.decode,
-        SPLIT_K=config.split_k, HAS_BIAS=has_bias, EVEN_K=even_k, BLOCK_M=config.block_m,
+        TWO_LEVEL=two_level, MULT_GROUP=group_size if two_level else 1, SPLIT_K=config.split_k, HAS_BIAS=has_bias, EVEN_K=even_k, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
     )
     return _compile(T._w4a8_gemm_kernel, signature, constexprs, arch, num_warps=config.num_warps,

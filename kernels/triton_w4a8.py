@@ -15,6 +15,11 @@ Both are bit-identical to ``w4a8_dint.reference`` (tested under ``TRITON_INTERPR
   math once per group: ``y += float(acc_g) * half_scale[n, g]``, groups left to right,
   exactly the reference's float order; FMA contraction is switched off at launch
   (``enable_fp_fusion=False``) so ``y + a * b`` rounds twice like the torch reference.
+* Two-level weights (``group_mult`` given; formats.py): the decoded int8 is multiplied by the
+  group's integer multiplier ``m[n, k // G]`` in registers (``|2v| * m <= 127`` stays int8), and
+  the layer is a per-channel GEMM: one int32 accumulator over all of K, one float multiply by
+  ``s / 2`` at the end, no per-group float accumulation. ``BLOCK_K`` divides ``G``, so each
+  K-block reads one multiplier per output column.
 * Split-K (small M, few output tiles): programs along grid axis 1 take disjoint K
   ranges and write int32 partials ``[P, M, N]`` (per channel: one slot per split, summed
   as integers; group-wise: one slot per group), then ``_splitk_epilogue_kernel`` applies
@@ -110,8 +115,9 @@ def _decode_codes(codes, lut_ptr, lut_w0, lut_w1, lut_w2, lut_w3, DECODE: tl.con
 
 @triton.jit
 def _dot_block(
-    acc, a_ptrs, w_ptrs, k0, K, mask_m, mask_n, lut_ptr, lut_w0, lut_w1, lut_w2, lut_w3,
+    acc, a_ptrs, w_ptrs, k0, K, mask_m, mask_n, lut_ptr, lut_w0, lut_w1, lut_w2, lut_w3, mult_ptrs,
     PACKED: tl.constexpr, DECODE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    TWO_LEVEL: tl.constexpr, MULT_GROUP: tl.constexpr,
 ):
     """``acc += q_x[:, k0:k0+BLOCK_K] @ w8[k0:k0+BLOCK_K, :]`` in int32.
 
@@ -134,6 +140,10 @@ def _dot_block(
         packed = tl.load(w_ptrs + k0 // 2, mask=w_mask, other=0)
         codes = (packed >> ((offs_k[:, None] % 2) * 4)) & 0xF
         b = _decode_codes(codes, lut_ptr, lut_w0, lut_w1, lut_w2, lut_w3, DECODE)
+        if TWO_LEVEL:
+            # BLOCK_K divides the multiplier group: one m per output column in this block; |2v| * m <= 127.
+            mult = tl.load(mult_ptrs + k0 // MULT_GROUP, mask=mask_n, other=0)
+            b = (b.to(tl.int32) * mult.to(tl.int32)[None, :]).to(tl.int8)
     else:
         b = tl.load(w_ptrs + k0, mask=w_mask, other=0)
     return tl.dot(a, b, acc, out_dtype=tl.int32)
@@ -168,11 +178,12 @@ def _scale_bias_store(
 
 @triton.jit
 def _w4a8_gemm_kernel(
-    a_ptr, a_scale_ptr, w_ptr, hs_ptr, lut_ptr, lut_words_ptr, bias_ptr, out_ptr, part_ptr,
+    a_ptr, a_scale_ptr, w_ptr, hs_ptr, lut_ptr, lut_words_ptr, mult_ptr, bias_ptr, out_ptr, part_ptr,
     M, N, K,
-    stride_am, stride_wn, stride_hn, stride_om,
+    stride_am, stride_wn, stride_hn, stride_mn, stride_om,
     M_BUCKET,  # only an autotune key (M rounded up to a power of two)
     GROUPED: tl.constexpr, GROUP_SIZE: tl.constexpr, PACKED: tl.constexpr, DECODE: tl.constexpr,
+    TWO_LEVEL: tl.constexpr, MULT_GROUP: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -207,6 +218,7 @@ def _w4a8_gemm_kernel(
         lut_w1 = 0
         lut_w2 = 0
         lut_w3 = 0
+    mult_ptrs = mult_ptr + offs_n.to(tl.int64) * stride_mn  # two-level multipliers of this column tile
     # Split-K partials: int32 [P, M, N], one slot per group (grouped) or per split (per channel).
     part_ptrs = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -229,7 +241,8 @@ def _w4a8_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for kb in range(kb_start, kb_end):
         acc = _dot_block(acc, a_ptrs, w_ptrs, kb * BLOCK_K, K, mask_m, mask_n,
-                         lut_ptr, lut_w0, lut_w1, lut_w2, lut_w3, PACKED, DECODE, EVEN_K, BLOCK_K)
+                         lut_ptr, lut_w0, lut_w1, lut_w2, lut_w3, mult_ptrs, PACKED, DECODE, EVEN_K, BLOCK_K,
+                         TWO_LEVEL, MULT_GROUP)
         if GROUPED:
             # A group ends every steps_per_group blocks: leave integer math once per group.
             if (kb + 1) % steps_per_group == 0:
@@ -371,7 +384,7 @@ HEURISTIC_TILES: dict[int, tuple[int, int, int, int]] = {
 
 def heuristic_config(
     m: int, n: int, k: int, group_size: int, device: Optional[torch.device], sms: Optional[int] = None,
-    packed: bool = True,
+    packed: bool = True, two_level: bool = False,
 ) -> GemmConfig:
     """Deterministic launch parameters by M bucket (no benchmarking: safe inside CUDA-graph capture).
 
@@ -383,7 +396,8 @@ def heuristic_config(
     if bk is None:
         raise FormatError(unsupported_reason(k, group_size) or "unsupported shape")
     bm, bn, warps, stages = next(t for bound, t in HEURISTIC_TILES.items() if m <= bound)
-    split = choose_split_k(m, n, k, g, bm, bn, bk, sms if sms is not None else _device_sms(device))
+    # Two-level: BLOCK_K divides the multiplier group (above), but the epilogue is per channel (split like it).
+    split = choose_split_k(m, n, k, k if two_level else g, bm, bn, bk, sms if sms is not None else _device_sms(device))
     return GemmConfig(bm, bn, bk, split, warps, stages)
 
 
@@ -399,6 +413,8 @@ AUTOTUNE_CONFIGS = [
 def _prune_configs(configs, named_args, **kwargs):
     m_bucket = named_args["M_BUCKET"]
     grouped, gsize = kwargs["GROUPED"], kwargs["GROUP_SIZE"]
+    if kwargs.get("TWO_LEVEL", False):
+        grouped, gsize = True, kwargs["MULT_GROUP"]  # BLOCK_K must divide the multiplier group
     keep = [
         c for c in configs
         if (not grouped or gsize % c.kwargs["BLOCK_K"] == 0)
@@ -409,7 +425,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 _w4a8_gemm_autotuned = triton.autotune(
-    configs=AUTOTUNE_CONFIGS, key=["M_BUCKET", "N", "K", "GROUPED", "GROUP_SIZE", "PACKED", "SPLIT_K"],
+    configs=AUTOTUNE_CONFIGS, key=["M_BUCKET", "N", "K", "GROUPED", "GROUP_SIZE", "PACKED", "SPLIT_K", "TWO_LEVEL", "MULT_GROUP"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_w4a8_gemm_kernel)
 
@@ -468,14 +484,16 @@ def quantize_activation_triton(
 def w4a8_gemm_triton(
     q_x: torch.Tensor, act_scale: torch.Tensor, weight: torch.Tensor, half_scales: torch.Tensor, lut: torch.Tensor,
     group_size: int, bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float16,
-    config: Optional[GemmConfig] = None,
+    config: Optional[GemmConfig] = None, group_mult: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``q_x int8 [M, K]`` x weight (packed ``uint8 [N, K/2]`` or int8 ``[N, K]``) -> ``out_dtype [M, N]``.
 
     Equal to ``reference.w4a8_epilogue(int_matmul_grouped(...))`` (+ bias) bit for bit.
     ``config`` overrides the heuristic / autotuned launch parameters (tests, benchmarks).
+    Two-level weights: ``group_mult uint8 [N, K // group_size]`` (unpacked multipliers), packed codes,
+    ``half_scales [N, 1]`` = ``s / 2``; one per-channel GEMM.
     """
-    _check_device(q_x, act_scale, weight, half_scales, lut, bias)
+    _check_device(q_x, act_scale, weight, half_scales, lut, bias, group_mult)
     if q_x.dtype != torch.int8 or q_x.dim() != 2:
         raise FormatError(f"q_x must be int8 [M, K], got {q_x.dtype} {tuple(q_x.shape)}")
     m, k = q_x.shape
@@ -488,9 +506,17 @@ def w4a8_gemm_triton(
     why = unsupported_reason(k, g)
     if why:
         raise FormatError(why)
-    grouped = g < k
-    if tuple(half_scales.shape) != (n, k // g):
-        raise FormatError(f"half_scales must be [N, K // G] = {(n, k // g)}, got {tuple(half_scales.shape)}")
+    two_level = group_mult is not None
+    if two_level and not packed:
+        raise FormatError("two-level weights are decoded from packed codes: pass uint8 [N, K/2] with group_mult")
+    if two_level and (group_mult.dtype != torch.uint8 or tuple(group_mult.shape) != (n, k // g)):
+        raise FormatError(f"group_mult must be uint8 [N, K // G] = {(n, k // g)}, got "
+                          f"{group_mult.dtype} {tuple(group_mult.shape)}")
+    grouped = g < k and not two_level
+    scale_shape = (n, 1) if two_level else (n, k // g)
+    if tuple(half_scales.shape) != scale_shape:
+        raise FormatError(f"half_scales must be {'[N, 1]' if two_level else '[N, K // G]'} = {scale_shape}, "
+                          f"got {tuple(half_scales.shape)}")
 
     q_x = q_x if q_x.stride(-1) == 1 else q_x.contiguous()
     weight = weight.contiguous()
@@ -502,18 +528,20 @@ def w4a8_gemm_triton(
         return out
     bias_arg = bias.contiguous() if bias is not None else out
     # The autotune configs use BLOCK_K 64 / 128; smaller groups keep the heuristic.
-    use_autotune = config is None and autotune_enabled() and (not grouped or g % 64 == 0)
+    use_autotune = config is None and autotune_enabled() and (not (grouped or two_level) or g % 64 == 0)
     if config is None:
-        config = heuristic_config(m, n, k, g, q_x.device, packed=packed)
-    if grouped and g % config.block_k:
+        config = heuristic_config(m, n, k, g, q_x.device, packed=packed, two_level=two_level)
+    if (grouped or two_level) and g % config.block_k:
         raise FormatError(f"BLOCK_K={config.block_k} must divide the group size {g}")
     split = config.split_k
     num_slots = (k // g) if grouped else split
     part = torch.empty((num_slots, m, n), dtype=torch.int32, device=q_x.device) if split > 1 else out
-    args = (q_x, act_scale, weight, half_scales, lut, lut.view(torch.int32), bias_arg, out, part,
-            m, n, k, q_x.stride(0), weight.stride(0), half_scales.stride(0), out.stride(0),
-            min(triton.next_power_of_2(m), 4096))
+    mult = group_mult.contiguous() if two_level else lut  # any valid pointer when unused
+    args = (q_x, act_scale, weight, half_scales, lut, lut.view(torch.int32), mult, bias_arg, out, part,
+            m, n, k, q_x.stride(0), weight.stride(0), half_scales.stride(0), mult.stride(0) if two_level else 0,
+            out.stride(0), min(triton.next_power_of_2(m), 4096))
     common = dict(GROUPED=grouped, GROUP_SIZE=g if grouped else 1, PACKED=packed, DECODE=config.decode,
+                  TWO_LEVEL=two_level, MULT_GROUP=g if two_level else 1,
                   SPLIT_K=split, HAS_BIAS=bias is not None, GROUP_M=config.group_m)
     if use_autotune:
         even_k = all(k % bk == 0 for bk in (64, 128))
@@ -540,8 +568,8 @@ def w4a8_linear_triton(
     x: torch.Tensor, weight: torch.Tensor, half_scales: torch.Tensor, lut: torch.Tensor, group_size: int,
     act_mode: str = "per-token", input_scale: Optional[torch.Tensor] = None,
     smooth_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-    config: Optional[GemmConfig] = None,
+    config: Optional[GemmConfig] = None, group_mult: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``x [M, K]`` -> ``[M, N]`` in ``x.dtype``: the two kernels back to back."""
     q_x, s_x = quantize_activation_triton(x, act_mode, input_scale, smooth_scale)
-    return w4a8_gemm_triton(q_x, s_x, weight, half_scales, lut, group_size, bias, x.dtype, config)
+    return w4a8_gemm_triton(q_x, s_x, weight, half_scales, lut, group_size, bias, x.dtype, config, group_mult)

@@ -11,13 +11,18 @@ f32 [N, K/G] (or [N, 1] per channel), optionally ``input_scale`` f32 [1]
 gate/up into one layer; their HF parts are found through the model's
 ``packed_modules_mapping`` and must agree on everything that acts on the shared
 input (activation mode, static scale, smoothing vector), since one activation
-quantization feeds the fused GEMM.
+quantization feeds the fused GEMM. Two-level checkpoints (``scale_scheme:
+"two-level"``) hold a per-channel ``weight_scale`` f32 [N, 1] and
+``weight_group_mult`` u8 [N, ceil(K/G / 2)] (two 4-bit multipliers per byte).
 
 Tensor parallel: ``qweight`` and ``weight_scale`` shard like any packed GPTQ-style
 weight (output dim for column layers, input dim for row layers; the packing is
 along K, so the loader's K offsets are already in bytes). A group must not
 straddle two ranks. ``smooth_scale`` is an input-dim vector: replicated for
-column layers, sliced along K for row layers.
+column layers, sliced along K for row layers. ``weight_group_mult`` shards like
+float group scales (rows along N, packed bytes along K); a row-parallel rank
+must hold an even number of groups so no byte straddles two ranks. The
+per-channel two-level ``weight_scale`` shards along N only.
 """
 
 from __future__ import annotations
@@ -48,18 +53,20 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
+from w4a8_dint import contract
 from w4a8_dint.checkpoint import CheckpointError
 from w4a8_dint.config import (
     INPUT_SCALE,
     QUANT_METHOD,
     QWEIGHT,
     SMOOTH_SCALE,
+    WEIGHT_GROUP_MULT,
     WEIGHT_SCALE,
     ConfigError,
     LayerPolicy,
     W4A8Config,
 )
-from w4a8_dint.formats import PER_CHANNEL, resolve_group_size
+from w4a8_dint.formats import PER_CHANNEL, packed_group_mult_shape, resolve_group_size
 from w4a8_dint.kernels.linear import W4A8LayerSpec, choose_kernel
 
 # Under vLLM's logger namespace so its handler, format and VLLM_LOGGING_LEVEL apply (a logger
@@ -188,13 +195,25 @@ class W4A8DintLinearMethod(LinearMethodBase):
         layer.register_parameter(QWEIGHT, PackedvLLMParameter(
             data=torch.empty(n_local, k_local // 2, dtype=torch.uint8),
             input_dim=1, output_dim=0, packed_dim=1, packed_factor=2, weight_loader=checked(QWEIGHT)))
-        if self.qconfig.group_size == PER_CHANNEL:
+        if self.qconfig.group_size == PER_CHANNEL or self.qconfig.two_level:
             scale = ChannelQuantScaleParameter(data=torch.empty(n_local, 1, dtype=torch.float32), output_dim=0,
                                                weight_loader=checked(WEIGHT_SCALE))
         else:
             scale = GroupQuantScaleParameter(data=torch.empty(n_local, k_local // self.group_size, dtype=torch.float32),
                                              input_dim=1, output_dim=0, weight_loader=checked(WEIGHT_SCALE))
         layer.register_parameter(WEIGHT_SCALE, scale)
+        if self.qconfig.two_level:
+            groups_local = k_local // self.group_size
+            if k_local != input_size and groups_local % 2:
+                raise ConfigError(
+                    f"{self.prefix}: tensor parallelism gives each rank {groups_local} weight groups; two-level "
+                    "multipliers are packed two per byte, so a rank needs an even number; use a smaller "
+                    "tensor_parallel_size"
+                )
+            # Packed bytes along K, like group scales: the row-parallel loader's byte offsets are group pairs.
+            layer.register_parameter(WEIGHT_GROUP_MULT, GroupQuantScaleParameter(
+                data=torch.empty(*packed_group_mult_shape(n_local, groups_local), dtype=torch.uint8),
+                input_dim=1, output_dim=0, weight_loader=checked(WEIGHT_GROUP_MULT)))
         if self.policy.act_mode == "per-tensor":
             layer.register_parameter(INPUT_SCALE, PerTensorScaleParameter(
                 data=torch.full((len(self.parts),), float("nan"), dtype=torch.float32),
@@ -224,33 +243,14 @@ class W4A8DintLinearMethod(LinearMethodBase):
         return g
 
     def check_loaded_tensor(self, kind: str, part: int, t: torch.Tensor) -> None:
-        """Raise CheckpointError naming the HF tensor if it does not match the config."""
+        """Raise CheckpointError naming the HF tensor if it breaks the contract's table (dtype, shape, values)."""
         name = f"{self.parts[part] if part < len(self.parts) else self.prefix}.{kind}"
-        n, k = self.full_sizes[part], self.in_features
-        g = resolve_group_size(k, self.qconfig.group_size)
-        expected = {
-            QWEIGHT: (torch.uint8, (n, k // 2)),
-            WEIGHT_SCALE: (torch.float32, (n, k // g)),
-            INPUT_SCALE: (torch.float32, None),
-            SMOOTH_SCALE: (torch.float32, (k,)),
-        }[kind]
-        dtype, shape = expected
-        if t.dtype != dtype or (shape is not None and tuple(t.shape) != shape):
-            want = f"{dtype} {shape}" if shape is not None else f"{dtype} scalar"
-            raise CheckpointError(
-                f"{name}: expected {want} (group_size={self.qconfig.group_size}), got {t.dtype} {tuple(t.shape)}; "
-                "the checkpoint does not match its quantization_config"
-            )
-        if kind == QWEIGHT:
-            return
-        bad = not bool(torch.isfinite(t).all()) or bool((t < 0).any()) or (kind != WEIGHT_SCALE and bool((t == 0).any()))
-        if kind == INPUT_SCALE and t.numel() != 1:
-            raise CheckpointError(f"{name}: must hold one value, got shape {tuple(t.shape)}")
-        if bad:
-            raise CheckpointError(f"{name}: non-finite, negative or zero values")
+        dims = contract.layer_dims(name, self.full_sizes[part], self.in_features, self.qconfig)
+        contract.check_loaded_tensor(name, kind, t, dims, self.qconfig)
 
     def _require_all_loaded(self) -> None:
         kinds = [QWEIGHT, WEIGHT_SCALE]
+        kinds += [WEIGHT_GROUP_MULT] if self.qconfig.two_level else []
         kinds += [INPUT_SCALE] if self.policy.act_mode == "per-tensor" else []
         kinds += [SMOOTH_SCALE] if self.policy.smooth else []
         missing = [f"{self.parts[i]}.{kind}" for kind in kinds for i in range(len(self.parts))
@@ -275,37 +275,35 @@ class W4A8DintLinearMethod(LinearMethodBase):
         if self.policy.smooth:
             smooth = self._shared_across_parts(layer.smooth_scale.data, SMOOTH_SCALE)
         qweight, weight_scale = layer.qweight.data, layer.weight_scale.data
+        group_mult = layer.weight_group_mult.data if self.qconfig.two_level else None
         spec = W4A8LayerSpec(qweight.shape[0], qweight.shape[1] * 2, self.group_size, self.qconfig.table,
-                             self.policy.act_mode)
+                             self.policy.act_mode, self.qconfig.scale_scheme, out_dtype=self.params_dtype,
+                             has_bias=getattr(layer, "bias", None) is not None)
         kernel_cls, skipped = choose_kernel(spec, qweight.device, prefer=self.prefer_kernel)
-        if getattr(kernel_cls, "takes_layer_dtype", False):
-            kernel = kernel_cls(spec, out_dtype=self.params_dtype, has_bias=getattr(layer, "bias", None) is not None)
-        else:
-            kernel = kernel_cls(spec)
+        kernel = kernel_cls(spec)
         _log_once(
             ("kernel", kernel_cls.name, spec.act_mode, tuple(skipped)),
-            "w4a8-dint: %s layers run the '%s' kernel (INT8 activations, %s, format %s, group %s)%s",
+            "w4a8-dint: %s layers run the '%s' kernel (INT8 activations, %s, format %s, group %s, %s scales)%s",
             spec.act_mode, kernel_cls.name, spec.act_mode, spec.table.name, self.qconfig.group_size,
-            f"; not chosen: {'; '.join(skipped)}" if skipped else "",
+            spec.scale_scheme, f"; not chosen: {'; '.join(skipped)}" if skipped else "",
         )
-        if self.absmax_reduce is not None and not getattr(kernel_cls, "supports_absmax_reduce", False):
+        if self.absmax_reduce is not None and not kernel_cls.supports_absmax_reduce:
             _log_once(("tp-absmax", kernel_cls.name),
                       "w4a8-dint: kernel '%s' quantizes row-parallel activations per TP shard; results differ "
                       "slightly from tensor_parallel_size=1", kernel_cls.name, warning=True)
             self.absmax_reduce = None
         layer.w4a8_kernel = kernel
-        layer.w4a8_state = kernel.prepare(qweight, weight_scale)
+        layer.w4a8_state = kernel.prepare(qweight, weight_scale, group_mult)
         layer.w4a8_input_scale = input_scale
         layer.w4a8_smooth_scale = smooth
         # The kernel state holds what it needs; drop the checkpoint-layout parameters.
-        for name in (QWEIGHT, WEIGHT_SCALE, INPUT_SCALE, SMOOTH_SCALE):
+        for name in (QWEIGHT, WEIGHT_SCALE, WEIGHT_GROUP_MULT, INPUT_SCALE, SMOOTH_SCALE):
             if hasattr(layer, name):
                 setattr(layer, name, None)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        kwargs = {"absmax_reduce": self.absmax_reduce} if self.absmax_reduce is not None else {}
         return layer.w4a8_kernel.apply(layer.w4a8_state, x, layer.w4a8_input_scale, layer.w4a8_smooth_scale,
-                                       bias, **kwargs)
+                                       bias, self.absmax_reduce)
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -319,7 +317,8 @@ class W4A8DintConfig(QuantizationConfig):
 
     def __repr__(self) -> str:
         q = self.qconfig
-        return (f"W4A8DintConfig(format={q.format}, group_size={q.group_size}, act_mode={q.act_mode}, "
+        return (f"W4A8DintConfig(format={q.format}, group_size={q.group_size}, scale_scheme={q.scale_scheme}, "
+                f"act_mode={q.act_mode}, "
                 f"layers_with_overrides={len(q.layers)}, method={q.method})")
 
     def get_name(self) -> str:

@@ -505,17 +505,21 @@ def unpack_group_mult(packed: torch.Tensor, num_groups: int) -> torch.Tensor:
     return m[:, :num_groups].contiguous()
 
 
+def multiply_groups(w8: torch.Tensor, group_mult: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int8 ``[N, K]`` code expansion times its group's multiplier (the caller guarantees it fits int8)."""
+    n, k = w8.shape
+    g = resolve_group_size(k, group_size)
+    if tuple(group_mult.shape) != (n, k // g):
+        raise FormatError(f"group multipliers {tuple(group_mult.shape)} != expected {(n, k // g)}")
+    return (w8.reshape(n, k // g, g) * group_mult.to(device=w8.device, dtype=torch.int8).unsqueeze(-1)).reshape(n, k)
+
+
 def expand_two_level_to_int8(
     packed: torch.Tensor, group_mult: torch.Tensor, table: CodeTable, group_size: int
 ) -> torch.Tensor:
     """int8 ``[N, K]`` = ``2v * m[n, k // G]`` (exact: ``|2v| * m <= 127`` by :func:`check_group_mult`)."""
     check_group_mult(group_mult, table)
-    w8 = expand_to_int8(packed, table)
-    n, k = w8.shape
-    g = resolve_group_size(k, group_size)
-    if tuple(group_mult.shape) != (n, k // g):
-        raise FormatError(f"group multipliers {tuple(group_mult.shape)} != expected {(n, k // g)}")
-    return (w8.reshape(n, k // g, g) * group_mult.to(torch.int8).unsqueeze(-1)).reshape(n, k)
+    return multiply_groups(expand_to_int8(packed, table), group_mult, group_size)
 
 
 def dequantize_two_level(

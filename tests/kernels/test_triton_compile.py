@@ -28,7 +28,7 @@ def test_heuristic_gemm_configs_compile_for_h100_without_spills(m, group, config
     _check(A.compile_gemm(config, grouped=group != -1, arch=90))
 
 
-@pytest.mark.parametrize("variant", ["register-decode", "int8-weight", "ragged-k-fp16", "sm80"])
+@pytest.mark.parametrize("variant", ["register-decode", "int8-weight", "ragged-k-fp16", "sm80", "two-level"])
 def test_gemm_variants_compile(variant):
     cfg = T.GemmConfig(16, 64, 128, 1, 4, 4)
     if variant == "register-decode":
@@ -38,6 +38,9 @@ def test_gemm_variants_compile(variant):
                               packed=False)
     elif variant == "ragged-k-fp16":
         info = A.compile_gemm(cfg, grouped=False, even_k=False, has_bias=False, out_dtype="fp16")
+    elif variant == "two-level":
+        info = A.compile_gemm(T.heuristic_config(8, 4096, 4096, 64, None, sms=132, two_level=True), grouped=False,
+                              group_size=64, two_level=True)
     else:
         info = A.compile_gemm(T.GemmConfig(64, 128, 64, 1, 8, 3), grouped=True, arch=80)
     _check(info)

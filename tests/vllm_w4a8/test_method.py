@@ -25,7 +25,16 @@ from vllm.model_executor.layers.linear import (  # noqa: E402
 
 from w4a8_dint import formats as F  # noqa: E402
 from w4a8_dint.checkpoint import CheckpointError, load_tensors, read_qconfig  # noqa: E402
-from w4a8_dint.config import INPUT_SCALE, QWEIGHT, SMOOTH_SCALE, WEIGHT_SCALE, ConfigError, W4A8Config  # noqa: E402
+from w4a8_dint.config import (  # noqa: E402
+    INPUT_SCALE,
+    QWEIGHT,
+    SMOOTH_SCALE,
+    WEIGHT_GROUP_MULT,
+    WEIGHT_SCALE,
+    ConfigError,
+    W4A8Config,
+    read_quantized_weight,
+)
 from w4a8_dint.reference import w4a8_linear_reference  # noqa: E402
 from w4a8_dint.vllm_w4a8 import plugin  # noqa: E402
 from w4a8_dint.vllm_w4a8.method import KERNEL_ENV, W4A8DintConfig  # noqa: E402
@@ -67,7 +76,7 @@ def make_layer(kind: str, layer_idx: int, cfg: W4A8DintConfig, dtype: torch.dtyp
 def load_like_vllm(layer, parts, shard_ids, tensors, skip: set[str] = frozenset()):
     """What vLLM's model loader does for each checkpoint tensor of these HF parts."""
     for part, shard in zip(parts, shard_ids):
-        for kind in (QWEIGHT, WEIGHT_SCALE, INPUT_SCALE, SMOOTH_SCALE):
+        for kind in (QWEIGHT, WEIGHT_SCALE, WEIGHT_GROUP_MULT, INPUT_SCALE, SMOOTH_SCALE):
             name = f"{part}.{kind}"
             if name not in tensors or name in skip:
                 continue
@@ -79,9 +88,7 @@ def load_like_vllm(layer, parts, shard_ids, tensors, skip: set[str] = frozenset(
 def reference_out(x, parts, tensors, qconfig: W4A8Config):
     outs = []
     for part in parts:
-        k = tensors[f"{part}.{QWEIGHT}"].shape[1] * 2
-        qw = F.QuantizedWeight(tensors[f"{part}.{QWEIGHT}"], tensors[f"{part}.{WEIGHT_SCALE}"], qconfig.table,
-                               F.resolve_group_size(k, qconfig.group_size))
+        qw = read_quantized_weight(part, tensors, qconfig)
         pol = qconfig.policy(part)
         outs.append(w4a8_linear_reference(x, qw, pol.act_mode, tensors.get(f"{part}.{INPUT_SCALE}"),
                                           tensors.get(f"{part}.{SMOOTH_SCALE}")))
@@ -107,7 +114,7 @@ SITES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("ckpt_name", ["channel_ckpt", "group_ckpt"])
+@pytest.mark.parametrize("ckpt_name", ["channel_ckpt", "group_ckpt", "two_level_ckpt"])
 def test_vllm_layers_match_reference_bit_for_bit(request, vllm_tp1, ckpt_name, dtype):
     ckpt = request.getfixturevalue(ckpt_name)
     qconfig = read_qconfig(ckpt.path)
@@ -180,7 +187,7 @@ def test_load_time_check_names_the_tensor(vllm_tp1, channel_ckpt, group_ckpt):
     tensors = load_tensors(group_ckpt.path)
     layer, parts, shards = make_layer("gate_up", 0, vllm_config_for(read_qconfig(channel_ckpt.path)), torch.float32)
     param = layer.weight_scale
-    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.up_proj.weight_scale: expected torch.float32 \(1536, 1\)"):
+    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.up_proj.weight_scale: expected F32 \[1536, 1\].*got F32 \[1536, 9\]"):
         param.weight_loader(param, tensors["model.layers.0.mlp.up_proj.weight_scale"], 1)
 
 
@@ -207,13 +214,14 @@ def test_front_end_validation_accepts_the_real_checkpoint(channel_ckpt):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("group_mismatch", r"weight_scale: expected float32 \(\d+, \d+\) for group size 64, got torch.float32 \(\d+, 1\)"),
-    ("static_without_scale", r"model.layers.0.mlp.down_proj: per-tensor layer needs a positive finite scalar input_scale"),
-    ("smooth_not_in_config", r"model.layers.1.mlp.gate_proj: has smooth_scale but the config says smooth=false"),
-    ("quantized_but_skipped", r"quantized in the checkpoint but listed in modules_to_not_convert"),
-    ("nan_scale", r"model.layers.4.self_attn.o_proj.weight_scale: non-finite or negative scales"),
-    ("truncated", r"cannot read safetensors file \(truncated or corrupt\?\)"),
-    ("quantized_lm_head", r"\['lm_head'\] are quantized, but w4a8-dint serves quantized linear layers only"),
+    ("group_mismatch", r"weight_scale: expected F32 \[\d+, 9\] .*group_size=64; got F32 \[\d+, 1\]"),
+    ("static_without_scale", r"model.layers.0.mlp.down_proj: input_scale missing \(needed by per-tensor"),
+    ("smooth_not_in_config", r"model.layers.1.mlp.gate_proj.smooth_scale: present, but smooth_scale belongs to "
+                             r"layers with smooth=true only"),
+    ("quantized_but_skipped", r"o_proj.qweight: .*o_proj is quantized in the checkpoint but listed in modules_to_not_convert"),
+    ("nan_scale", r"model.layers.4.self_attn.o_proj.weight_scale: 1 non-finite value"),
+    ("truncated", r"model.safetensors: truncated safetensors file"),
+    ("quantized_lm_head", r"lm_head.qweight: lm_head is quantized, but it is the model's output embedding and must stay"),
 ])
 def test_front_end_validation_refuses_mismatch(tmp_path, channel_ckpt, case, message):
     src = channel_ckpt.path
@@ -243,3 +251,57 @@ def test_front_end_validation_refuses_mismatch(tmp_path, channel_ckpt, case, mes
         (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=message):
         validate_for_serving(dst, read_qconfig(dst))
+
+
+# -- two-level scales -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,idx", [("qkv", 0), ("gate_up", 1), ("down", 2)])
+def test_two_level_layers_are_one_gemm_with_per_channel_parameters(vllm_tp1, two_level_ckpt, kind, idx):
+    qconfig = read_qconfig(two_level_ckpt.path)
+    tensors = load_tensors(two_level_ckpt.path)
+    layer, parts, shards = make_layer(kind, idx, vllm_config_for(qconfig), torch.bfloat16)
+    n_local = layer.qweight.shape[0]
+    groups = layer.qweight.shape[1] * 2 // 64
+    assert layer.weight_scale.shape == (n_local, 1)  # per channel, along N
+    assert layer.weight_group_mult.shape == (n_local, (groups + 1) // 2) and layer.weight_group_mult.dtype == torch.uint8
+    load_like_vllm(layer, parts, shards, tensors)
+    # The fused parts' multipliers land in their row ranges, byte for byte.
+    rows = torch.cat([tensors[f"{p}.{WEIGHT_GROUP_MULT}"] for p in parts])
+    assert torch.equal(layer.weight_group_mult.data, rows)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.w4a8_kernel.name == "onednn-int8" and layer.w4a8_kernel.num_groups == 1
+    assert layer.w4a8_kernel.spec.two_level and layer.w4a8_kernel.spec.out_dtype == torch.bfloat16
+
+
+def test_two_level_row_parallel_shard_keeps_whole_byte_pairs(vllm_tp1, two_level_ckpt):
+    """What a TP=2 rank of down_proj (K=1536, 24 groups) loads: its 12 groups = 6 packed bytes per row."""
+    from w4a8_dint.vllm_w4a8.method import W4A8DintLinearMethod
+
+    qconfig = read_qconfig(two_level_ckpt.path)
+    tensors = load_tensors(two_level_ckpt.path)
+    cfg = vllm_config_for(qconfig)
+    layer, parts, _ = make_layer("down", 0, cfg, torch.float32)
+    full = tensors[f"{parts[0]}.{WEIGHT_GROUP_MULT}"]
+    param = layer.weight_group_mult
+    param.data = torch.empty(full.shape[0], full.shape[1] // 2, dtype=torch.uint8)  # one rank's slice
+    param.tp_rank = 1
+    param.weight_loader(param, full)
+    assert torch.equal(param.data, full[:, full.shape[1] // 2:])
+    unpacked = F.unpack_group_mult(full, 24)
+    assert torch.equal(F.unpack_group_mult(param.data, 12), unpacked[:, 12:])
+    # A rank holding an odd number of groups would split a byte: refused up front.
+    method = W4A8DintLinearMethod(qconfig, "x.o_proj", ["x.o_proj"], qconfig.policy("x.o_proj"))
+    shard = torch.nn.Module()
+    shard.output_size = 576
+    with pytest.raises(ConfigError, match="even number"):  # K=576 over 3 ranks: 192 = 3 groups each
+        method.create_weights(shard, 192, [576], 576, 576, torch.float32, weight_loader=lambda *a: None)
+
+
+def test_two_level_group_mult_out_of_range_is_refused_at_load(vllm_tp1, two_level_ckpt):
+    qconfig = read_qconfig(two_level_ckpt.path)
+    tensors = load_tensors(two_level_ckpt.path)
+    layer, parts, shards = make_layer("down", 0, vllm_config_for(qconfig), torch.float32)
+    bad = dict(tensors)
+    bad[f"{parts[0]}.{WEIGHT_GROUP_MULT}"] = torch.full_like(tensors[f"{parts[0]}.{WEIGHT_GROUP_MULT}"], 0xFF)
+    with pytest.raises(CheckpointError, match="must fit int8"):
+        load_like_vllm(layer, parts, shards, bad)
