@@ -232,7 +232,7 @@ def _run(run: _Run, out: Path, cfg: CalibrationConfig, model, tokenizer, seq_len
             "layers": layer_records,
         }
         qconfig = W4A8Config(
-            format=run.table.name, group_size=run.group_size,
+            format=run.table.name, group_size=run.group_size, scale_scheme=cfg.scale_scheme,
             act_mode=cfg.method_impl.checkpoint_act_mode(cfg),
             layers=policies, modules_to_not_convert=list(run.rules.modules_to_not_convert), method=cfg.method,
             rounding=cfg.rounding, calibration=calibration, rotation=run.rotation,

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="dint4-a", help="4-bit weight format: int4, fp4, dint4-a (default), dint4-b, dint4-c")
     p.add_argument("--group-size", type=int, default=None,
                    help="weight group size, -1 = per output channel (default: -1; fptq: 128, else the largest of 64/32 dividing every K)")
+    p.add_argument("--scale-scheme", choices=("float", "two-level"), default="float",
+                   help="group scales: float (default), or two-level = integer multiplier x per-channel float, "
+                        "so each layer runs as ONE int8 GEMM (needs --group-size)")
     p.add_argument("--act", dest="act_mode", choices=("per-token", "per-tensor"), default="per-token",
                    help="INT8 activations: per-token dynamic (default) or per-tensor static (calibrated scale); fptq decides per layer")
     p.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
@@ -74,6 +77,7 @@ def _config(args: argparse.Namespace):
 
     return CalibrationConfig(
         method=args.method, rounding=args.rounding, format=args.format, group_size=args.group_size, act_mode=args.act_mode,
+        scale_scheme=args.scale_scheme,
         dataset=args.dataset, samples=args.samples, seq_len=args.seq_len if args.seq_len is not None else args.target_len,
         target_task=args.target_task, seed=args.seed, alpha_grid=args.alpha_grid or ALPHA_GRID, alpha_search=args.alpha_search,
         clip_grid=args.clip_grid or CLIP_GRID, search_tokens=args.search_tokens, smoothquant_alpha=args.alpha,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from w4a8_dint.config import INPUT_SCALE, QWEIGHT, SMOOTH_SCALE, WEIGHT_SCALE, LayerPolicy
+from w4a8_dint.config import INPUT_SCALE, SMOOTH_SCALE, LayerPolicy, quantized_weight_tensors
 from w4a8_dint.formats import CodeTable
 
 from .arch import FOLD_EXPLICIT, LayerStructure, SmoothingGroup, call_with_input, constrain, first_tensor, fold_into_source, scale_linear_inputs
@@ -281,8 +281,7 @@ class LayerCalibrator:
             for n, qw in rounded.items():
                 lin = layer.get_submodule(n)
                 full = f"{layer_name}.{n}"
-                tensors[f"{full}.{QWEIGHT}"] = qw.packed.cpu()
-                tensors[f"{full}.{WEIGHT_SCALE}"] = qw.scales.cpu()
+                tensors.update(quantized_weight_tensors(full, qw))  # + weight_group_mult for two-level scales
                 if input_scale is not None:
                     tensors[f"{full}.{INPUT_SCALE}"] = input_scale.clone()
                 if explicit:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from w4a8_dint.method_names import METHODS, ROUNDINGS
-from w4a8_dint.formats import FORMATS, PER_CHANNEL, DEFAULT_FORMAT
+from w4a8_dint.formats import FLOAT_SCALES, FORMATS, PER_CHANNEL, SCALE_SCHEMES, TWO_LEVEL, DEFAULT_FORMAT
 from w4a8_dint.reference import ACT_MODES
 
 # AQAS / AWQ grid: alpha in {0, 0.05, ..., 1}. It is searched coarse-to-fine (0.1 steps, then the
@@ -43,6 +43,9 @@ class CalibrationConfig:
     # None -> the method's default (per channel; FPTQ: 128, or the largest of 128/64/32 dividing
     # every K, with a note). An explicit value is never changed.
     group_size: int | None = None
+    # "float" group scales, or "two-level" (integer multiplier x per-channel float: one INT8 GEMM per
+    # layer at run time; formats.quantize_two_level). Two-level needs an explicit group size.
+    scale_scheme: str = FLOAT_SCALES
     act_mode: str = "per-token"  # fptq ignores it: its policy is chosen per layer
     dataset: str = "c4"
     samples: int = 32
@@ -89,6 +92,11 @@ class CalibrationConfig:
 
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
         need(self.rounding in ROUNDINGS, f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        need(self.scale_scheme in SCALE_SCHEMES, f"scale scheme must be one of {SCALE_SCHEMES}, got {self.scale_scheme!r}")
+        need(self.scale_scheme != TWO_LEVEL or (self.group_size is not None and self.group_size != PER_CHANNEL),
+             "two-level scales need an explicit group size (--group-size 64, say); per channel has one scale per row")
+        need(self.scale_scheme != TWO_LEVEL or self.rounding == "rtn",
+             f"two-level scales are rounded with rtn only (rounding {self.rounding!r} onto the two-level grid is not implemented)")
         need(self.format in FORMATS, f"format must be one of {tuple(FORMATS)}, got {self.format!r}")
         need(self.group_size is None or self.group_size == PER_CHANNEL or self.group_size > 0,
              f"group size must be a positive integer or -1 (per channel), got {self.group_size}")

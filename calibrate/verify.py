@@ -21,8 +21,7 @@ import torch
 import torch.nn as nn
 
 from w4a8_dint.checkpoint import load_tensors, quantized_prefixes, read_qconfig, shard_files
-from w4a8_dint.config import BIAS, INPUT_SCALE, QWEIGHT, SMOOTH_SCALE, WEIGHT_SCALE, W4A8Config
-from w4a8_dint.formats import QuantizedWeight, resolve_group_size
+from w4a8_dint.config import BIAS, INPUT_SCALE, SMOOTH_SCALE, W4A8Config, read_quantized_weight
 from w4a8_dint.reference import fake_quantize_activation, w4a8_linear_reference
 
 from .stream import LayerStream, _set_param, build_skeleton
@@ -33,10 +32,7 @@ class ReferenceW4A8Linear(nn.Module):
 
     def __init__(self, tensors: dict[str, torch.Tensor], qcfg: W4A8Config, prefix: str, exact: bool = True):
         super().__init__()
-        packed = tensors[f"{prefix}.{QWEIGHT}"]
-        k = packed.shape[1] * 2
-        self.weight_q = QuantizedWeight(packed, tensors[f"{prefix}.{WEIGHT_SCALE}"], qcfg.table,
-                                        resolve_group_size(k, qcfg.group_size))
+        self.weight_q = read_quantized_weight(prefix, tensors, qcfg)  # float or two-level scales
         pol = qcfg.policy(prefix)
         self.act_mode = pol.act_mode
         self.input_scale = tensors.get(f"{prefix}.{INPUT_SCALE}")

@@ -43,6 +43,10 @@ class RoundToNearest(Rounding):
     def quantize_group(self, weights, table, group_size, row_clip, hessian, cfg):
         from ..search import quantize_rows
 
+        from w4a8_dint.formats import TWO_LEVEL, quantize_two_level
+
+        if cfg.scale_scheme == TWO_LEVEL:  # the one place the run's scale scheme picks the weight quantizer
+            return {n: quantize_two_level(w.float(), table, group_size, row_clip.get(n)) for n, w in weights.items()}
         return {n: quantize_rows(w, table, group_size, row_clip.get(n)) for n, w in weights.items()}
 
 

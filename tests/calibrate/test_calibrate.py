@@ -254,6 +254,24 @@ def test_cli(tmp_path, tiny_models, capsys):
     assert w4a8_main(["calibrate", src, "--quiet"]) == 2  # --out missing
 
 
+def test_cli_two_level_scales(tmp_path, tiny_models, capsys):
+    src = tiny_models("llama")
+    out = tmp_path / "two-level"
+    args = ["calibrate", str(src), "--method", "rtn", "--samples", "2", "--seq-len", "32", "--quiet"]
+    assert w4a8_main([*args, "--out", str(out), "--group-size", "32", "--scale-scheme", "two-level"]) == 0
+    assert read_qconfig(out).two_level and validate_checkpoint(out)["layers"] == 14
+    tensors = load_tensors(out)
+    q = "model.layers.0.self_attn.q_proj"
+    assert tensors[f"{q}.weight_scale"].shape[1] == 1 and tensors[f"{q}.weight_group_mult"].dtype == torch.uint8
+    ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(1))
+    exact = layer_errors(src, out, ids, 2, exact=True)  # the integer reference: one GEMM per two-level layer
+    fake = layer_errors(src, out, ids, 2, exact=False)
+    assert all(0 < e < 0.1 for e in exact) and all(abs(a - b) <= 0.02 * a for a, b in zip(exact, fake))
+    capsys.readouterr()
+    assert w4a8_main([*args, "--out", str(tmp_path / "no-group"), "--scale-scheme", "two-level"]) == 2
+    assert "explicit group size" in capsys.readouterr().err
+
+
 def test_cli_help_lists_the_options():
     out = subprocess.run([sys.executable, "-m", "w4a8_dint.cli", "calibrate", "--help"], capture_output=True, text=True,
                          check=True, timeout=120).stdout
