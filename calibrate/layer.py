@@ -34,8 +34,8 @@ from .arch import FOLD_EXPLICIT, LayerStructure, SmoothingGroup, call_with_input
 from .recipe import CalibrationConfig
 from .methods import GroupContext
 from .search import (
-    ScaleStats, candidate_inputs, fake_quantize_activation_fast, fake_quantize_weight, leading_slice, linear_losses,
-    search_row_clip, static_input_scale, weight_channel_stats,
+    BATCH_ELEMENTS, ScaleStats, candidate_inputs, fake_quantize_activation_fast, fake_quantize_weight, leading_slice,
+    linear_losses, search_row_clip, static_input_scale, weight_channel_stats,
 )
 from .stream import CalibrationError, LayerCall
 
@@ -199,7 +199,7 @@ class LayerCalibrator:
             return torch.cat([
                 linear_losses(candidate_inputs(x, part, act_mode if quantize_act else None, cap.absmax), part,
                               list(weights.values()), biases, target, self.table, self.group_size)
-                for part in scales.split(max(1, (1 << 24) // per))])
+                for part in scales.split(max(1, BATCH_ELEMENTS // per))])
 
         if g.block is None:  # a block (attention, MLP) is a module call per candidate: no batched form
             loss.many = many

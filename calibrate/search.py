@@ -29,6 +29,9 @@ from w4a8_dint.formats import CodeTable, QuantizedWeight, absmax_scales, quantiz
 from w4a8_dint.reference import INT8_MAX, act_scale_from_absmax
 
 _EPS = 1e-8
+# Elements per intermediate when candidates / clip ratios are batched (16 MiB of float32): the
+# batching saves Python overhead, not arithmetic, so small chunks cost little and bound peak RSS.
+BATCH_ELEMENTS = 1 << 22
 
 
 # -- statistics -------------------------------------------------------------------------------
@@ -241,7 +244,7 @@ def quantize_rows(w: torch.Tensor, table: CodeTable, group_size: int, row_clip: 
 
 def search_row_clip(
     x: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor, table: CodeTable, group_size: int, grid: Sequence[float],
-    max_elements: int = 1 << 24,
+    max_elements: int = BATCH_ELEMENTS,
 ) -> tuple[torch.Tensor, float, float]:
     """Per output channel clip ratio minimizing ``||x @ Q(w, r)^T - y_ref||^2`` over the tokens.
 

@@ -170,7 +170,7 @@ def test_vectorised_clip_search_matches_the_ratio_loop(layer0, name, group):
     grid = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
     y = x @ w.t()
     ref_ratios, ref_after = _row_clip_loop(xq, w, y, table, group, grid)
-    for budget in (1 << 24, w.numel()):  # all ratios in one matmul; one ratio per chunk
+    for budget in (1 << 26, S.BATCH_ELEMENTS, w.numel()):  # all ratios in one matmul; a few; one per chunk
         ratios, before, after = S.search_row_clip(xq, w, y, table, group, grid, max_elements=budget)
         assert torch.equal(ratios, ref_ratios)
         assert math.isclose(after, ref_after, rel_tol=1e-6)
