@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="checkpoint directory, 'default' (embedded SmolLM2), or a Hub id (needs network)")
     p.add_argument("--baseline", metavar="MODEL", help="evaluate this (float) model first, as the reference column")
+    p.add_argument("--baseline-results", metavar="PATH",
+                   help="reuse a baseline evaluated earlier: the first run of a JSON written by --output with the same "
+                        "settings (instead of --baseline)")
     p.add_argument("--tasks", type=_tasks, default=list(D.DEFAULT_TASKS),
                    help=f"comma list; perplexity: {','.join(D.PPL_DATASETS)}; zero-shot: {','.join(TASKS)} "
                         f"(default: {','.join(D.DEFAULT_TASKS)})")
@@ -65,20 +68,46 @@ def run(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens, max_len=args.max_len, add_bos=args.add_bos, progress=not args.no_progress,
         enforce_eager=args.enforce_eager,
     )
+    if args.baseline and args.baseline_results:
+        print("error: give --baseline or --baseline-results, not both", file=sys.stderr)
+        return 2
+    try:
+        earlier = [_earlier_baseline(Path(args.baseline_results), settings)] if args.baseline_results else []
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    has_baseline = bool(args.baseline or earlier)
     names = ([args.baseline] if args.baseline else []) + list(args.models)
     with _stdout_to_stderr():  # vLLM (and its engine processes) log to stdout; keep stdout for the result
-        runs = [evaluate(resolve_model(name), settings=settings) for name in names]
+        runs = earlier + [evaluate(resolve_model(name), settings=settings) for name in names]
     comparison = Comparison(runs)
     if args.write_results:
-        for run_ in runs[1:] if args.baseline else runs:
+        for run_ in runs[1:] if has_baseline else runs:
             if run_["quantization"] and Path(run_["model"]).is_dir():
-                doc = {"runs": [runs[0], run_] if args.baseline else [run_]}
+                doc = {"runs": [runs[0], run_] if has_baseline else [run_]}
                 _atomic_write(Path(run_["model"]) / EVAL_RESULTS_FILE, json.dumps(doc, indent=2))
     doc = json.dumps({"runs": runs}, indent=2)
     if args.output:
         _atomic_write(Path(args.output), doc)
     print(doc if args.json else comparison.table())
     return 0
+
+
+def _earlier_baseline(path, settings) -> dict:
+    """The first run of an ``--output`` document, if it was evaluated with exactly these settings."""
+    from dataclasses import asdict
+
+    try:
+        run_ = json.loads(path.read_text(encoding="utf-8"))["runs"][0]
+    except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"--baseline-results {path}: not a `w4a8 eval --output` document ({e})") from e
+    want = json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "progress"}))  # tuples as lists
+    got = run_.get("settings", {})
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if diff:
+        raise ValueError(f"--baseline-results {path} was evaluated with other settings: "
+                         + ", ".join(f"{k}={got.get(k)!r} (now {want.get(k)!r})" for k in diff))
+    return run_
 
 
 @contextmanager
