@@ -47,7 +47,6 @@ from w4a8_dint import formats as F
 from w4a8_dint.checkpoint import SIDE_FILES, load_tensors, quantized_prefixes, read_qconfig, write_checkpoint
 from w4a8_dint.config import (
     INPUT_SCALE,
-    QWEIGHT,
     SMOOTH_SCALE,
     LayerPolicy,
     W4A8Config,
