@@ -59,6 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="every other alpha then the best one's neighbours (default), or the full grid")
     p.add_argument("--clip-grid", type=_floats, default=None, help="weight clip ratios searched per output channel (default 1,0.95,...,0.7)")
     p.add_argument("--search-tokens", type=int, default=1024, help="tokens the AQAS/AWQ search losses see (default 1024)")
+    p.add_argument("--gptq-hessian-inputs", choices=("quantized", "float"), default="quantized",
+                   help="--rounding gptq: Hessian from the inputs as the kernel sees them, INT8-quantized (default) "
+                        "or the smoothed float inputs")
+    p.add_argument("--gptq-damp", type=float, default=0.1, help="--rounding gptq: dampening, fraction of mean diag(H) (default 0.1)")
+    p.add_argument("--gptq-block-size", type=int, default=128, help="--rounding gptq: columns per lazy-update block (default 128)")
+    p.add_argument("--gptq-act-order", action="store_true",
+                   help="--rounding gptq: visit columns by decreasing diag(H) (groups stay static and contiguous)")
     p.add_argument("--propagate", choices=("quantized", "float"), default="quantized",
                    help="inputs of layer i+1: outputs of the quantized layer i (default) or of the float one")
     p.add_argument("--max-layers", type=int, default=None, help="quantize only the first N decoder layers (the rest stay float)")
@@ -81,7 +88,8 @@ def _config(args: argparse.Namespace):
         dataset=args.dataset, samples=args.samples, seq_len=args.seq_len if args.seq_len is not None else args.target_len,
         target_task=args.target_task, seed=args.seed, alpha_grid=args.alpha_grid or ALPHA_GRID, alpha_search=args.alpha_search,
         clip_grid=args.clip_grid or CLIP_GRID, search_tokens=args.search_tokens, smoothquant_alpha=args.alpha,
-        propagate=args.propagate, max_layers=args.max_layers, device=args.device, num_threads=args.threads,
+        gptq_hessian_inputs=args.gptq_hessian_inputs, gptq_damp=args.gptq_damp, gptq_block_size=args.gptq_block_size,
+        gptq_act_order=args.gptq_act_order, propagate=args.propagate, max_layers=args.max_layers, device=args.device, num_threads=args.threads,
         trust_remote_code=args.trust_remote_code, progress=not args.quiet, overwrite=args.overwrite,
     )
 

@@ -9,7 +9,10 @@ Order inside a layer (every smoothing group is searched on the layer's float inp
 2. per group, the run's method object (``calibrate/methods/``) picks ``s`` and the activation
    mode, then searching methods (AWQ/AQAS) pick a clip ratio per output channel on the same tokens;
 3. all folds are applied (norm weights, source-linear rows), then every linear is rounded by the
-   run's rounding step (``rtn`` or ``gptq``).
+   run's rounding step (``rtn`` or ``gptq``). GPTQ first runs one more float pass over all batches
+   to accumulate each group's Hessian from the inputs as the kernel sees them (after the smoothing
+   divisor, and INT8-fake-quantized unless ``gptq_hessian_inputs="float"``); the linears of a
+   group share it. One layer's Hessians are alive at a time.
    Folding into a source linear rescales whole output rows of it, which leaves its quantization
    unchanged, so the order of groups does not matter;
 4. with ``propagate="quantized"`` the layer is run again with fake-quantized weights and INT8
@@ -31,6 +34,7 @@ from w4a8_dint.config import INPUT_SCALE, SMOOTH_SCALE, LayerPolicy, quantized_w
 from w4a8_dint.formats import CodeTable
 
 from .arch import FOLD_EXPLICIT, LayerStructure, SmoothingGroup, call_with_input, constrain, first_tensor, fold_into_source, scale_linear_inputs
+from .gptq import accumulate_hessian, finalize_hessian
 from .recipe import CalibrationConfig
 from .methods import GroupContext
 from .search import (
@@ -247,7 +251,43 @@ class LayerCalibrator:
             clips[n] = {"mean": _round(float(ratios.mean())), "loss_vs_no_clip": _round(after / max(before, 1e-30))}
         plan.record["clip"] = clips
 
-    # -- 3. apply + 4. propagate --------------------------------------------------------------------
+    # -- 3. GPTQ's Hessians (after the folds) ------------------------------------------------------
+    @torch.no_grad()
+    def hessians(self, layer: nn.Module, structure: LayerStructure, plans: dict[str, GroupPlan],
+                 caps: dict[str, GroupCapture | None], hidden: list[torch.Tensor], calls: list[LayerCall]) -> dict[str, torch.Tensor]:
+        """``2 X^T X / n`` per group over every calibration batch, ``X`` as the deployed kernel sees it."""
+        from w4a8_dint.reference import fake_quantize_activation
+
+        quantized = self.cfg.gptq_hessian_inputs == "quantized"
+        sums: dict[str, torch.Tensor] = {}
+        tokens: dict[str, int] = {}
+        handles = []
+        for g in structure.groups:
+            if all(self.skip(n) for n in g.linears):
+                continue
+            p = plans[g.name]
+            smooth = p.scale if p.scale is not None and g.fold == FOLD_EXPLICIT else None  # folded scales are in x already
+            input_scale = static_input_scale(caps[g.name].absmax, p.scale) if p.act_mode == "per-tensor" else None
+
+            def pre(mod, args, name=g.name, smooth=smooth, input_scale=input_scale, act_mode=p.act_mode):
+                x = args[0].float()
+                if smooth is not None:
+                    x = x / smooth.to(x.device)
+                if quantized:
+                    x = fake_quantize_activation(x, act_mode, None if input_scale is None else input_scale.to(x.device))
+                sums[name] = accumulate_hessian(sums.get(name), x)
+                tokens[name] = tokens.get(name, 0) + x.numel() // x.shape[-1]
+
+            handles.append(layer.get_submodule(g.linears[0]).register_forward_pre_hook(pre))
+        try:
+            for h, call in zip(hidden, calls):
+                call(layer, h)
+        finally:
+            for hd in handles:
+                hd.remove()
+        return {name: finalize_hessian(sums[name], tokens[name]) for name in sums}
+
+    # -- 4. apply + 5. propagate --------------------------------------------------------------------
     @torch.no_grad()
     def calibrate(self, layer: nn.Module, layer_name: str, structure: LayerStructure, hidden: list[torch.Tensor],
                   calls: list[LayerCall], probe: torch.Tensor, probe_call: LayerCall) -> LayerResult:
@@ -266,7 +306,7 @@ class LayerCalibrator:
                 fold_into_source(layer, g, p.scale)
                 scale_linear_inputs(layer, g, p.scale)
 
-        hessians: dict[str, torch.Tensor] = {}
+        hessians = self.hessians(layer, structure, plans, caps, hidden, calls) if self.cfg.rounding_impl.needs_hessian else {}
         tensors: dict[str, torch.Tensor] = {}
         policies: dict[str, LayerPolicy] = {}
         hooks = []

@@ -25,6 +25,10 @@ SCALE_FAMILIES: tuple[str, ...] = ("mean", "max")
 # FPTQ layer policy bounds on max|X| (paper: v0 = 15, v1 = 150).
 FPTQ_BOUNDS: tuple[float, float] = (15.0, 150.0)
 PROPAGATION_MODES = ("quantized", "float")
+# GPTQ's Hessian inputs: what the deployed kernel multiplies ("quantized": after the smoothing divisor
+# and INT8 fake quantization) or the smoothed float inputs. "quantized" gave the lower W4A8 layer
+# output error in the ablation (docs/calibrate.md, benchmarks/results/gptq_hessian_ablation.json).
+GPTQ_HESSIAN_INPUTS = ("quantized", "float")
 ALPHA_SEARCHES = ("coarse-to-fine", "full")
 DEFAULT_SEQ_LEN = 512  # the language-modelling eval window; SLAC replaces it with the task's length
 
@@ -65,6 +69,11 @@ class CalibrationConfig:
     fptq_bounds: tuple[float, float] = FPTQ_BOUNDS
     # Layer i+1 is calibrated on layer i's *quantized* outputs (what it sees when deployed).
     propagate: str = "quantized"
+    # -- GPTQ rounding (rounding="gptq") ---------------------------------------------------------
+    gptq_hessian_inputs: str = "quantized"
+    gptq_damp: float = 0.1  # fraction of mean(diag H) added to the diagonal (0.01 lost to RTN on real layers, see docs)
+    gptq_block_size: int = 128  # columns per lazy-update block
+    gptq_act_order: bool = False  # visit columns by decreasing diag(H); groups stay static and contiguous
     # -- scope / execution -----------------------------------------------------------------
     max_layers: int | None = None  # quantize only the first N decoder layers (tests, quick looks)
     device: str | None = None  # None -> "cuda" when available, else "cpu"
@@ -118,6 +127,10 @@ class CalibrationConfig:
         lo, hi = self.fptq_bounds
         need(0 < lo <= hi, f"FPTQ bounds must satisfy 0 < v0 <= v1, got {self.fptq_bounds}")
         need(self.alpha_search in ALPHA_SEARCHES, f"alpha_search must be one of {ALPHA_SEARCHES}, got {self.alpha_search!r}")
+        need(self.gptq_hessian_inputs in GPTQ_HESSIAN_INPUTS,
+             f"gptq_hessian_inputs must be one of {GPTQ_HESSIAN_INPUTS}, got {self.gptq_hessian_inputs!r}")
+        need(0.0 < self.gptq_damp < 1.0, f"gptq_damp must lie in (0, 1), got {self.gptq_damp}")
+        need(self.gptq_block_size >= 1, f"gptq_block_size must be >= 1, got {self.gptq_block_size}")
         need(self.propagate in PROPAGATION_MODES, f"propagate must be one of {PROPAGATION_MODES}, got {self.propagate!r}")
         need(self.max_layers is None or self.max_layers >= 1, f"max_layers must be >= 1, got {self.max_layers}")
         need(self.num_threads is None or self.num_threads >= 1, f"num_threads must be >= 1, got {self.num_threads}")

@@ -7,4 +7,4 @@ calibrator installed. ``w4a8_dint.calibrate.methods`` loads one plug-in module p
 """
 
 METHODS: tuple[str, ...] = ("rtn", "smoothquant", "awq", "aqas", "fptq")
-ROUNDINGS: tuple[str, ...] = ("rtn",)
+ROUNDINGS: tuple[str, ...] = ("rtn", "gptq")

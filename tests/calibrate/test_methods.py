@@ -36,7 +36,8 @@ def test_registry_is_the_core_name_list_one_module_per_method():
 
 def test_no_method_string_chains_left():
     """A method is an object: nothing outside calibrate/methods/ tests the method's name."""
-    pattern = re.compile(r"""\bmethod\s*(==|!=|\bin\b|\bnot in\b)\s*[("']|\.method\s*(==|!=)""")
+    names = "|".join(M.REGISTRY)
+    pattern = re.compile(rf"""\.method\s*(==|!=)|\.method\s*(in|not in)\s*[(\[{{"']|\bmethod\s*(==|!=|in|not in)\s*\(?\s*["']({names})["']""")
     offenders = []
     for path in list(CALIBRATE_DIR.rglob("*.py")) + [REPO / "w4a8_dint" / "config.py"]:
         if path.is_relative_to(CALIBRATE_DIR / "methods"):
@@ -76,6 +77,13 @@ def test_recipe_defaults_come_from_the_method_objects():
     assert not CalibrationConfig(method="rtn").needs_activations
     assert CalibrationConfig(method="rtn", act_mode="per-tensor").needs_activations  # static scales need max|X|
     assert all(CalibrationConfig(method=m).needs_activations for m in M.REGISTRY if m != "rtn")
+    # rounding composes with any method: GPTQ needs the Hessian, so activations, and records its own fields
+    gptq = CalibrationConfig(method="rtn", rounding="gptq")
+    assert gptq.needs_activations and gptq.rounding_impl is M.ROUNDING_REGISTRY["gptq"]
+    assert {"gptq_damp", "gptq_hessian_inputs", "gptq_act_order"} <= set(CalibrationConfig(method="aqas", rounding="gptq").to_record())
+    assert "gptq_damp" not in rec["aqas"]
+    with pytest.raises(RecipeError, match="gptq_hessian_inputs"):
+        CalibrationConfig(rounding="gptq", gptq_hessian_inputs="int4")
 
 
 def test_cli_choices_and_help_come_from_the_registry():
