@@ -162,6 +162,15 @@ def ours_worker(job: dict[str, Any]) -> dict[str, Any]:
     return {"ppl": ppl, "calib_wall_s": wall, "calib_cpu_s": cpu, "peak_rss_mb": _rss_mb()}
 
 
+def _no_pinning_without_accelerator() -> None:
+    """llm-compressor 0.14's AWQ pins its cached activations for faster H2D copies; on a CPU-only
+    torch ``pin_memory()`` raises "Cannot access accelerator device". Pinning changes no value, so
+    it is skipped here (a CPU-only run has no H2D copy to speed up)."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
+
 def worker(job: dict[str, Any]) -> dict[str, Any]:
     if job["recipe"] in OURS:
         return ours_worker(job)
@@ -174,6 +183,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     from w4a8_dint.embedded import load_text
     from w4a8_dint.hf_integration.eval import perplexity
 
+    if not torch.cuda.is_available():
+        _no_pinning_without_accelerator()
     torch.manual_seed(job["seed"])
     if job.get("threads"):
         torch.set_num_threads(job["threads"])

@@ -76,3 +76,11 @@ def test_plan_prints_the_recipes_without_installing_anything(tmp_path):
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("64 rtn ") and lines[1].startswith("64 awq ")
     assert not (tmp_path / "peer").exists()
+
+
+@pytest.mark.parametrize("name", sorted(peer.OURS))
+def test_our_side_recipes_are_valid_calibration_configs(name):
+    from w4a8_dint.calibrate.recipe import CalibrationConfig
+
+    cfg = CalibrationConfig(group_size=64, samples=32, seq_len=512, **peer.OURS[name])
+    assert cfg.method == peer.OURS[name]["method"]
