@@ -305,3 +305,43 @@ def test_two_level_group_mult_out_of_range_is_refused_at_load(vllm_tp1, two_leve
     bad[f"{parts[0]}.{WEIGHT_GROUP_MULT}"] = torch.full_like(tensors[f"{parts[0]}.{WEIGHT_GROUP_MULT}"], 0xFF)
     with pytest.raises(CheckpointError, match="must fit int8"):
         load_like_vllm(layer, parts, shards, bad)
+
+
+# -- issue 12: the front end refuses what the checkpoint contract refuses, before any engine starts ----------
+
+def _tiny_checkpoints():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "w4a8_dint" / "tiny_checkpoints.py"
+    spec = importlib.util.spec_from_file_location("tiny_checkpoints", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("case,message", [
+    ("narrow_qweight", r"model.layers.1.self_attn.q_proj.qweight: expected U8 \[64, 32\].*got U8 \[64, 16\]"),
+    ("missing_norm", r"tensors missing from the checkpoint .*\['model.norm.weight'\]"),
+    ("input_scale_on_per_token", r"model.layers.1.self_attn.o_proj.input_scale: present, but input_scale belongs"),
+])
+def test_maybe_update_config_refuses_in_the_front_end(tmp_path, case, message):
+    """What `vllm serve` runs while building its config: no engine process exists yet when this raises."""
+    tiny = _tiny_checkpoints()
+    good = tiny.rtn_checkpoint(tiny.tiny_model_dir("llama", tmp_path), tmp_path / "ckpt")
+
+    def edit(t):
+        if case == "narrow_qweight":
+            p = "model.layers.1.self_attn.q_proj"
+            t[f"{p}.qweight"] = t[f"{p}.qweight"][:, :16].contiguous()
+            t[f"{p}.weight_scale"] = t[f"{p}.weight_scale"][:, :1].contiguous()
+        elif case == "missing_norm":
+            del t["model.norm.weight"]
+        else:
+            t["model.layers.1.self_attn.o_proj.input_scale"] = torch.tensor([0.1])
+
+    bad = tiny.edited_copy(good, tmp_path / "bad", edit)
+    config = W4A8DintConfig.from_config(json.loads((bad / "config.json").read_text())["quantization_config"])
+    config.maybe_update_config(str(good))  # the untouched checkpoint passes
+    with pytest.raises(CheckpointError, match=rf"w4a8-dint refuses {bad}: .*{message}"):
+        config.maybe_update_config(str(bad))
