@@ -219,7 +219,7 @@ def test_clear_errors(tmp_path, tiny_models, monkeypatch):
     shutil.copytree(tiny_models("llama"), truncated)
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CalibrationError, match="truncated or corrupt"):
+    with pytest.raises(CalibrationError, match=r"model\.safetensors.*truncated"):
         calibrate(truncated, tmp_path / "t", CalibrationConfig(method="rtn", samples=2, seq_len=32, progress=False))
     import huggingface_hub.constants
 
