@@ -35,6 +35,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from w4a8_dint.config import W4A8Config
+from w4a8_dint.contract import float_modules
 
 from .arch import UnsupportedArchitecture, check_supported
 from .data import CalibrationDataError
@@ -139,10 +140,13 @@ def check_architecture(skeleton: ModelSkeleton, rules: W4A8Config, quantized_lay
             f"{arch}: the source stores {missing[:4]} under other names ({unmatched[:4]}); transformers renames "
             "them on load, but w4a8-dint checkpoints are read by module name, so the result would not load"
         )
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # Which modules must stay float is the contract's rule (contract.float_modules); here only the
+    # linears among them matter, since the loaders would expect a quantized linear unless it is skipped.
+    modules = dict(model.named_modules())
+    outside = [name + (f" ({why})" if "embedding" in why else "")
+               for name, why in sorted(float_modules(model, skeleton.layers_name).items())
+               if isinstance(modules.get(name), nn.Linear) and not rules.is_skipped(name)]
     inside = skeleton.layers_name + "."
-    outside = [f"{name} (the output embedding)" if m is head else name for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not name.startswith(inside) and not rules.is_skipped(name)]
     if outside:
         kept = [m for m in rules.modules_to_not_convert if not m.startswith(inside)]  # not the --max-layers ones
         raise UnsupportedArchitecture(

@@ -90,8 +90,8 @@ def _bert():
     (_neox, r"^GPTNeoXForCausalLM: the source stores \['lm_head\.weight'\] under other names \(\['embed_out\.weight'\]\); "
             r"transformers renames them on load, but w4a8-dint checkpoints are read by module name"),
     (_bert, r"^BertLMHeadModel: nn\.Linear outside the decoder layers \(bert\.encoder\.layer\) and not in "
-            r"modules_to_not_convert \['lm_head'\]: cls\.predictions\.transform\.dense, "
-            r"cls\.predictions\.decoder \(the output embedding\)\. .* would not load$"),
+            r"modules_to_not_convert \['lm_head'\]: cls\.predictions\.decoder \(the model's output embedding\), "
+            r"cls\.predictions\.transform\.dense\. .* would not load$"),
 ], ids=["gpt-neox-embed_out", "bert-head-transform"])
 def test_refuses_an_architecture_whose_checkpoint_would_not_load(tmp_path, config, message, no_work, capsys):
     src = save_tiny(config(), tmp_path / "src")
@@ -110,7 +110,7 @@ def test_a_linear_outside_the_decoder_kept_float_is_accepted(tmp_path, tiny_mode
 
     sk = build_skeleton(tiny_models("mistral"))  # untied lm_head: a real nn.Linear outside the layers
     preflight.check_architecture(sk, W4A8Config(modules_to_not_convert=["lm_head"]), 2)
-    with pytest.raises(UnsupportedArchitecture, match=r"not in modules_to_not_convert \[\]: lm_head \(the output embedding\)"):
+    with pytest.raises(UnsupportedArchitecture, match=r"not in modules_to_not_convert \[\]: lm_head \(the model's output embedding\)"):
         preflight.check_architecture(sk, W4A8Config(modules_to_not_convert=[]), 2)
 
 
