@@ -1,7 +1,8 @@
 """``W4A8Linear``: the ``nn.Linear`` replacement HF models run with, and the swap itself.
 
 The module's buffer names are the checkpoint tensor names (``qweight``,
-``weight_scale``, ``input_scale``, ``smooth_scale``, ``bias``; see
+``weight_scale``, ``weight_group_mult`` for two-level scales, ``input_scale``,
+``smooth_scale``, ``bias``; see
 ``w4a8_dint.config``), so transformers loads a checkpoint into it with no
 weight-conversion ops, and ``save_pretrained`` writes the same tensors back.
 
@@ -20,8 +21,17 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from w4a8_dint.config import BIAS, INPUT_SCALE, QWEIGHT, SMOOTH_SCALE, WEIGHT_SCALE, LayerPolicy, W4A8Config
-from w4a8_dint.formats import CodeTable, resolve_group_size
+from w4a8_dint.config import (
+    BIAS,
+    INPUT_SCALE,
+    QWEIGHT,
+    SMOOTH_SCALE,
+    WEIGHT_GROUP_MULT,
+    WEIGHT_SCALE,
+    LayerPolicy,
+    W4A8Config,
+)
+from w4a8_dint.formats import FLOAT_SCALES, TWO_LEVEL, CodeTable, packed_group_mult_shape, resolve_group_size
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +51,7 @@ class W4A8Linear(nn.Module):
     def __init__(
         self, in_features: int, out_features: int, bias: bool, table: CodeTable, group_size: int,
         policy: LayerPolicy, bias_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+        scale_scheme: str = FLOAT_SCALES,
     ) -> None:
         super().__init__()
         if in_features % 2:
@@ -50,9 +61,14 @@ class W4A8Linear(nn.Module):
         self.table = table
         self.group_size = resolve_group_size(in_features, group_size)  # effective (K for per channel)
         self.act_mode = policy.act_mode
+        self.scale_scheme = scale_scheme
+        two_level = scale_scheme == TWO_LEVEL
         n_groups = in_features // self.group_size
         self.register_buffer(QWEIGHT, torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer(WEIGHT_SCALE, torch.empty(out_features, n_groups, dtype=torch.float32, device=device))
+        self.register_buffer(WEIGHT_SCALE, torch.empty(out_features, 1 if two_level else n_groups,
+                                                       dtype=torch.float32, device=device))
+        self.register_buffer(WEIGHT_GROUP_MULT, torch.empty(
+            packed_group_mult_shape(out_features, n_groups), dtype=torch.uint8, device=device) if two_level else None)
         self.register_buffer(
             INPUT_SCALE, torch.empty(1, dtype=torch.float32, device=device) if policy.act_mode == "per-tensor" else None
         )
@@ -69,7 +85,8 @@ class W4A8Linear(nn.Module):
     def spec(self):
         from w4a8_dint.kernels.linear import W4A8LayerSpec
 
-        return W4A8LayerSpec(self.out_features, self.in_features, self.group_size, self.table, self.act_mode)
+        return W4A8LayerSpec(self.out_features, self.in_features, self.group_size, self.table, self.act_mode,
+                             self.scale_scheme, has_bias=self.bias is not None)
 
     @property
     def kernel_name(self) -> str | None:
@@ -81,13 +98,14 @@ class W4A8Linear(nn.Module):
 
         kernel_cls, skipped = choose_kernel(self.spec, self.qweight.device, prefer=prefer)
         self._kernel = kernel_cls(self.spec)
-        self._state = self._kernel.prepare(self.qweight, self.weight_scale)
+        self._state = self._kernel.prepare(self.qweight, self.weight_scale, self.weight_group_mult)
         self._state_key = self._source_key()
         return skipped
 
     def _source_key(self) -> tuple:
         """Identity of the tensors the kernel state was built from: device, object, in-place version."""
-        return tuple((t.device, id(t), t._version) for t in (self.qweight, self.weight_scale))
+        return tuple((t.device, id(t), t._version) for t in (self.qweight, self.weight_scale, self.weight_group_mult)
+                     if t is not None)
 
     def release_kernel(self) -> None:
         self._kernel, self._state, self._state_key = None, None, None
@@ -117,7 +135,8 @@ class W4A8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"format={self.table.name}, group_size={self.group_size}, act_mode={self.act_mode}, "
+            f"format={self.table.name}, group_size={self.group_size}, scale_scheme={self.scale_scheme}, "
+            f"act_mode={self.act_mode}, "
             f"smooth={self.smooth_scale is not None}, kernel={self.kernel_name}"
         )
 
@@ -140,6 +159,7 @@ def replace_linears(model: nn.Module, prefixes: Iterable[str], qcfg: W4A8Config)
         new = W4A8Linear(
             old.in_features, old.out_features, old.bias is not None, table, qcfg.group_size, qcfg.policy(name),
             bias_dtype=None if old.bias is None else old.bias.dtype, device=old.weight.device,
+            scale_scheme=qcfg.scale_scheme,
         )
         setattr(parent, child, new)
         count += 1

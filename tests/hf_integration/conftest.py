@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from w4a8_dint.checkpoint import load_tensors, quantized_prefixes, read_qconfig
-from w4a8_dint.config import BIAS, INPUT_SCALE, QWEIGHT, SMOOTH_SCALE, WEIGHT_SCALE
+from w4a8_dint.config import BIAS, INPUT_SCALE, SMOOTH_SCALE, read_quantized_weight
 from w4a8_dint.embedded import embedded_model_dir
-from w4a8_dint.formats import QuantizedWeight, resolve_group_size
 from w4a8_dint.reference import w4a8_linear_reference
 
 HERE = Path(__file__).resolve().parent
@@ -63,6 +62,13 @@ def ckpt_g64(tmp_path_factory, fp_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ckpt_two_level(tmp_path_factory, fp_dir) -> Path:
+    """dint4-a, group 64 with two-level scales (integer multiplier x per-channel float), same special layers."""
+    return rtn.build_rtn_checkpoint(tmp_path_factory.mktemp("ckpt") / "two-level", group_size=64, model_dir=fp_dir,
+                                    scale_scheme="two-level")
+
+
+@pytest.fixture(scope="session")
 def ckpt_per_channel(tmp_path_factory, fp_dir) -> Path:
     """dint4-a, per output channel (the paper's setting), same special layers."""
     return rtn.build_rtn_checkpoint(tmp_path_factory.mktemp("ckpt") / "pc", group_size=-1, model_dir=fp_dir)
@@ -82,8 +88,7 @@ def reference_model(ckpt: Path, fp_dir: Path):
     assert not unexpected
     for prefix in prefixes:
         lin = model.get_submodule(prefix)
-        qw = QuantizedWeight(tensors[f"{prefix}.{QWEIGHT}"], tensors[f"{prefix}.{WEIGHT_SCALE}"], qcfg.table,
-                             resolve_group_size(lin.in_features, qcfg.group_size))
+        qw = read_quantized_weight(prefix, tensors, qcfg)
         lin.forward = partial(
             w4a8_linear_reference, weight=qw, act_mode=qcfg.policy(prefix).act_mode,
             input_scale=tensors.get(f"{prefix}.{INPUT_SCALE}"), smooth_scale=tensors.get(f"{prefix}.{SMOOTH_SCALE}"),

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from w4a8_dint import formats as F
 from w4a8_dint.checkpoint import write_checkpoint
-from w4a8_dint.config import LayerPolicy, W4A8Config
+from w4a8_dint.config import LayerPolicy, W4A8Config, quantized_weight_tensors
 from w4a8_dint.embedded import c4_text, embedded_model_dir
 
 LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -56,6 +56,7 @@ def input_absmax(model_dir: Path, layers: list[str], tokens: int = CALIB_TOKENS)
 def build_rtn_checkpoint(
     out_dir: str | Path, group_size: int = F.PER_CHANNEL, fmt: str = "dint4-a", model_dir: Path | None = None,
     static_layer: str | None = STATIC_LAYER, smooth_site: tuple[str, ...] = SMOOTH_SITE, overwrite: bool = False,
+    scale_scheme: str = F.FLOAT_SCALES,
 ) -> Path:
     model_dir = Path(model_dir or embedded_model_dir())
     hf_config = json.loads((model_dir / "config.json").read_text())
@@ -84,11 +85,13 @@ def build_rtn_checkpoint(
         if prefix == static_layer:
             tensors[f"{prefix}.input_scale"] = (absmax[prefix].max() / 127).reshape(1).float()
             layers[prefix] = LayerPolicy(act_mode="per-tensor")
-        qw = F.quantize_weight(w, table, group_size)
-        tensors[f"{prefix}.qweight"] = qw.packed
-        tensors[f"{prefix}.weight_scale"] = qw.scales
+        if scale_scheme == F.TWO_LEVEL:
+            qw = F.quantize_two_level(w, table, group_size)
+        else:
+            qw = F.quantize_weight(w, table, group_size)
+        tensors.update(quantized_weight_tensors(prefix, qw))
     qcfg = W4A8Config(
-        format=fmt, group_size=group_size, layers=layers, method="rtn",
+        format=fmt, group_size=group_size, scale_scheme=scale_scheme, layers=layers, method="rtn",
         calibration={"dataset": "c4", "num_tokens": CALIB_TOKENS, "note": "test helper: RTN absmax weights"},
     )
     return write_checkpoint(out_dir, tensors, hf_config, qcfg, source_dir=model_dir, overwrite=overwrite)
