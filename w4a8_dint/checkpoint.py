@@ -86,6 +86,27 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         raise
 
 
+def _save_canonical(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_file`` with a byte-reproducible header.
+
+    safetensors (0.8, issue safetensors#584) keeps ``__metadata__`` in a Rust ``HashMap`` and writes
+    it in that map's per-instance random order, so two saves of the same tensors with 2+ metadata
+    keys differ in their header bytes (the tensor data is identical). The header is rewritten in
+    place with the metadata keys sorted: same entries, same length, data offsets untouched.
+    """
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # cannot happen for the same entries; never leave a header that overruns the data
+            raise CheckpointError(f"{path.name}: canonical safetensors header ({len(text)} B) longer than written ({n} B)")
+        f.seek(8)
+        f.write(text.ljust(n, b" "))  # the format pads headers with spaces
+
+
 def write_safetensors_shards(
     out_dir: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int = 2 * 1024**3,
     metadata: dict[str, str] | None = None,
@@ -103,12 +124,12 @@ def write_safetensors_shards(
         size += nbytes
     meta = {"format": "pt", **(metadata or {})}
     if len(shards) == 1:
-        save_file({n: tensors[n].contiguous() for n in names}, str(out_dir / SINGLE_FILE), metadata=meta)
+        _save_canonical({n: tensors[n].contiguous() for n in names}, out_dir / SINGLE_FILE, meta)
         return [SINGLE_FILE]
     files, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n].contiguous() for n in shard}, str(out_dir / fname), metadata=meta)
+        _save_canonical({n: tensors[n].contiguous() for n in shard}, out_dir / fname, meta)
         files.append(fname)
         weight_map.update({n: fname for n in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())

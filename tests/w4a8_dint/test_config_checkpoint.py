@@ -86,6 +86,28 @@ def test_sharded_checkpoint_and_missing_shard(tmp_path):
         C.load_tensors(out)
 
 
+@pytest.mark.parametrize("max_shard_bytes", [2 * 1024**3, 1500])
+def test_same_tensors_same_bytes(tmp_path, max_shard_bytes):
+    # safetensors writes __metadata__ (format + quant_method) in a random order per save; 12 writes would
+    # all agree by chance with probability 2^-11 without the writer's canonical header
+    from safetensors import safe_open
+
+    files = []
+    for i in range(12):
+        with torch.random.fork_rng():  # _write's embedding is torch.randn: the same tensors every time
+            torch.manual_seed(0)
+            out, tensors = _write(tmp_path, name=f"c{i}", max_shard_bytes=max_shard_bytes)
+        files.append({p.name: p.read_bytes() for p in out.glob("*.safetensors")})
+    assert (len(files[0]) == 1) == (max_shard_bytes > 1500) and all(f == files[0] for f in files)
+    for name, data in files[0].items():
+        n = int.from_bytes(data[:8], "little")
+        assert data[8:8 + n].startswith(b'{"__metadata__":{"format":"pt","quant_method":"w4a8-dint"},')
+        with safe_open(str(out / name), "pt") as f:
+            assert f.metadata() == {"format": "pt", "quant_method": "w4a8-dint"}
+    back = C.load_tensors(out)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
 def test_truncated_and_corrupt_files_are_reported(tmp_path):
     out, _ = _write(tmp_path)
     f = out / "model.safetensors"
