@@ -47,7 +47,9 @@ from types import ModuleType
 
 import torch
 
+from w4a8_dint.formats import TWO_LEVEL
 from w4a8_dint.kernels.base import AbsmaxReduce, W4A8LayerSpec, W4A8LinearKernel
+from w4a8_dint.reference import SATURATION_SAFE_WEIGHT, cpu_int8_gemm_exact_full_range
 
 # oneDNN primitive cache entries per handler (vLLM uses 32 for its own int8 path).
 _PRIMITIVE_CACHE_SIZE = 32
@@ -97,6 +99,11 @@ class OneDnnInt8Kernel(W4A8LinearKernel):
             return False, why
         if spec.in_features % spec.group_size:
             return False, f"group size {spec.group_size} does not divide K={spec.in_features}"
+        if spec.scale_scheme == TWO_LEVEL and not cpu_int8_gemm_exact_full_range():
+            # Without VNNI, oneDNN's int8 GEMM adds u8 x s8 pairs in saturating int16: two-level
+            # expansions (|2v * m| up to 127) overflow it. cpu-int8 splits such weights exactly.
+            return False, ("this CPU's int8 GEMM has no VNNI (int16 pair sums saturate) and two-level weights "
+                           f"exceed |{SATURATION_SAFE_WEIGHT}|")
         return True, None
 
     @property

@@ -20,6 +20,7 @@ Activation quantization lives here once; every kernel calls these functions
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -108,10 +109,43 @@ def int_matmul_grouped(q_x: torch.Tensor, w8: torch.Tensor, group_size: int) -> 
     return out
 
 
+# Largest |weight| an int8 GEMM stays exact for on x86 CPUs without VNNI (AVX2, AVX512 without VNNI):
+# there oneDNN multiplies (s8 source + 128) as u8 by the s8 weight and adds pairs into a SATURATING
+# int16 (vpmaddubsw), so 2 * 255 * |w| must stay <= 32767. The float-scale expansions (|2v| <= 14)
+# are far below it; two-level expansions (|2v * m| up to 127) are not.
+SATURATION_SAFE_WEIGHT = 64
+
+
+@functools.cache
+def cpu_int8_gemm_exact_full_range() -> bool:
+    """Whether ``torch._int_mm`` on CPU is exact for any int8 operands here (VNNI/AMX: yes; AVX2: no).
+
+    Probed once per process with operands that saturate an int16 pair sum, so it follows the CPU
+    and any ``ONEDNN_MAX_CPU_ISA`` cap alike."""
+    a = torch.tensor([[127] * 32, [-127] * 32, [127, -127] * 16, [0] * 32], dtype=torch.int8)
+    b = torch.tensor([[127] * 32, [-127] * 32, [-127, 127] * 16, [127] * 32], dtype=torch.int8)
+    try:
+        got = torch._int_mm(a, b.t().contiguous())
+    except RuntimeError:
+        return False
+    return torch.equal(got.long(), (a.long() @ b.long().t()))
+
+
 def _int_mm(a: torch.Tensor, b_nk: torch.Tensor) -> torch.Tensor:
-    """int8 [M, K] x int8 [N, K] -> int32 [M, N], exact."""
+    """int8 [M, K] x int8 [N, K] -> int32 [M, N], exact on every CPU.
+
+    Where the CPU's int8 GEMM saturates (see SATURATION_SAFE_WEIGHT), a weight beyond the safe range is
+    split into two halves within it (floor(w/2) + ceil(w/2)) and the two exact int32 results added."""
     if a.shape[0] == 0:
         return torch.zeros(0, b_nk.shape[0], dtype=torch.int32, device=a.device)
+    if (b_nk.device.type == "cpu" and b_nk.numel() and not cpu_int8_gemm_exact_full_range()
+            and int(b_nk.abs().amax()) > SATURATION_SAFE_WEIGHT):
+        low = torch.div(b_nk, 2, rounding_mode="floor")
+        return _int_mm_raw(a, low) + _int_mm_raw(a, b_nk - low)
+    return _int_mm_raw(a, b_nk)
+
+
+def _int_mm_raw(a: torch.Tensor, b_nk: torch.Tensor) -> torch.Tensor:
     try:
         return torch._int_mm(a.contiguous(), b_nk.t().contiguous())
     except RuntimeError:

@@ -49,6 +49,9 @@ def test_two_level_kernels_match_reference_with_one_integer_gemm(fmt, act_mode, 
     spec = W4A8LayerSpec(n, k, 64, table, act_mode, F.TWO_LEVEL, has_bias=True)
     sm = torch.rand(k, generator=g) + 0.5
     inp = ((x / sm).abs().max() / 127).reshape(1) if act_mode == "per-tensor" else None
+    from w4a8_dint.reference import cpu_int8_gemm_exact_full_range
+
+    per_layer = 1 if cpu_int8_gemm_exact_full_range() else 2  # no VNNI: the weight is split (exact) in two
     gemms = []
     real_int_mm = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda a, bt: gemms.append(a.shape) or real_int_mm(a, bt))
@@ -57,7 +60,7 @@ def test_two_level_kernels_match_reference_with_one_integer_gemm(fmt, act_mode, 
         kern = cls(spec)
         outs.append(kern.apply(kern.prepare(qw.packed, qw.scales, mult), x, inp, sm, b))
     assert torch.equal(outs[0], outs[1])
-    assert gemms == [(m, k), (m, k)]  # one K-wide integer GEMM per layer in each kernel
+    assert gemms == [(m, k)] * 2 * per_layer  # one K-wide integer GEMM per layer in each kernel (two without VNNI)
     assert (outs[1] - (x / sm) @ qw.dequantize().t() - b).abs().max() < 0.05 * outs[1].abs().max()
 
 
@@ -87,3 +90,18 @@ def test_kernel_contract_is_on_the_base_class():
         kern = CpuInt8Kernel(spec)
         qw = F.quantize_weight(torch.randn(8, 64), spec.table, 64)
         kern.apply(kern.prepare(qw.packed, qw.scales), torch.randn(2, 64), absmax_reduce=lambda a: a)
+
+
+@pytest.mark.parametrize("bound", [14, 64, 127])
+def test_integer_gemm_exact_for_full_int8_range_on_any_cpu(bound):
+    """Without VNNI (AVX2, AVX512 without VNNI; tests/vllm_w4a8/test_cpu_kernel_isa.py forces it) the
+    CPU's int8 GEMM adds u8 x s8 pairs in saturating int16; two-level weights reach |127|, so the
+    reference (and cpu-int8, which calls it) must split them. Checked against exact int64 math."""
+    from w4a8_dint.reference import _int_mm
+
+    g = torch.Generator().manual_seed(bound)
+    a = torch.randint(-127, 128, (9, 576), generator=g).to(torch.int8)
+    a[0] = 127  # worst case for the pair sums
+    b = torch.randint(-bound, bound + 1, (40, 576), generator=g).to(torch.int8)
+    b[0] = bound
+    assert torch.equal(_int_mm(a, b).long(), a.long() @ b.long().t())
