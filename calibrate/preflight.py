@@ -140,7 +140,7 @@ def check_architecture(skeleton: ModelSkeleton, rules: W4A8Config, quantized_lay
             f"{arch}: the source stores {missing[:4]} under other names ({unmatched[:4]}); transformers renames "
             "them on load, but w4a8-dint checkpoints are read by module name, so the result would not load"
         )
-    # Which modules must stay float is the contract's rule (contract.float_modules); here only the
+    # The float-only modules are the contract's rule (contract.float_modules); here only the
     # linears among them matter, since the loaders would expect a quantized linear unless it is skipped.
     modules = dict(model.named_modules())
     outside = [name + (f" ({why})" if "embedding" in why else "")
