@@ -47,6 +47,20 @@ def test_quick_study_w4a8_degrades_and_aqas_beats_rtn(quick_run):
 
 
 @pytest.mark.slow
+def test_quick_study_measures_each_calibration_in_its_own_process(quick_run):
+    out, _ = quick_run
+    recs = {r["label"]: r for r in (json.loads(p.read_text()) for p in (out / "accuracy_runs").glob("*.json"))}
+    assert "calibrate_s" not in recs["fp32"]  # nothing to calibrate
+    for label in ("rtn int4 pc", "aqas int4 pc"):
+        r = recs[label]
+        # the child imports torch and loads the 135M model: hundreds of MiB, and CPU time of its own
+        assert 200 < r["calibrate_peak_rss_mib"] < 16_000 and r["calibrate_cpu_s"] > 0.5 and r["calibrate_s"] > 0.5
+        assert r["calibration"]["rounding"] == "rtn" and r["calibration"]["scale_scheme"] == "float"
+    # AQAS searches (forwards on the calibration batch); RTN only rounds
+    assert recs["aqas int4 pc"]["calibrate_cpu_s"] > recs["rtn int4 pc"]["calibrate_cpu_s"]
+
+
+@pytest.mark.slow
 def test_quick_study_resumes_from_cache(quick_run):
     out, _ = quick_run
     cached = sorted((out / "accuracy_runs").glob("*.json"))
@@ -58,19 +72,19 @@ def test_quick_study_resumes_from_cache(quick_run):
 
 
 def test_run_keys_separate_settings():
-    S, R = accuracy.StudySettings, accuracy.RunSpec
-    base = accuracy.run_path(R("aqas", "int4"), S(), Path("/r"))
-    assert base == accuracy.run_path(R("aqas", "int4"), S(), Path("/r"))
-    others = {accuracy.run_path(R("aqas", "fp4"), S(), Path("/r")), accuracy.run_path(R("awq", "int4"), S(), Path("/r")),
-              accuracy.run_path(R("aqas", "int4"), S(max_layers=3), Path("/r")),
-              accuracy.run_path(R("aqas", "int4", group_size=64), S(), Path("/r"))}
+    S, R = accuracy.plan.StudySettings, accuracy.plan.RunSpec
+    base = accuracy.plan.run_path(R("aqas", "int4"), S(), Path("/r"))
+    assert base == accuracy.plan.run_path(R("aqas", "int4"), S(), Path("/r"))
+    others = {accuracy.plan.run_path(R("aqas", "fp4"), S(), Path("/r")), accuracy.plan.run_path(R("awq", "int4"), S(), Path("/r")),
+              accuracy.plan.run_path(R("aqas", "int4"), S(max_layers=3), Path("/r")),
+              accuracy.plan.run_path(R("aqas", "int4", group_size=64), S(), Path("/r"))}
     assert base not in others and len(others) == 4
     # the float baseline does not depend on calibration settings
-    assert accuracy.run_path(R(None), S(), Path("/r")) == accuracy.run_path(R(None), S(samples=99), Path("/r"))
+    assert accuracy.plan.run_path(R(None), S(), Path("/r")) == accuracy.plan.run_path(R(None), S(samples=99), Path("/r"))
 
 
 def test_verdict_wording():
-    assert accuracy._verdict("c", 3, 3, [])["verdict"].startswith("holds")
-    assert accuracy._verdict("c", 0, 3, [])["verdict"].startswith("does not hold")
-    assert accuracy._verdict("c", 1, 3, [])["verdict"].startswith("mixed")
-    assert accuracy._verdict("c", 0, 0, [])["verdict"].startswith("not tested")
+    assert accuracy.report._verdict("c", 3, 3, [])["verdict"].startswith("holds")
+    assert accuracy.report._verdict("c", 0, 3, [])["verdict"].startswith("does not hold")
+    assert accuracy.report._verdict("c", 1, 3, [])["verdict"].startswith("mixed")
+    assert accuracy.report._verdict("c", 0, 0, [])["verdict"].startswith("not tested")
