@@ -104,8 +104,6 @@ class CalibrationConfig:
         need(self.scale_scheme in SCALE_SCHEMES, f"scale scheme must be one of {SCALE_SCHEMES}, got {self.scale_scheme!r}")
         need(self.scale_scheme != TWO_LEVEL or (self.group_size is not None and self.group_size != PER_CHANNEL),
              "two-level scales need an explicit group size (--group-size 64, say); per channel has one scale per row")
-        need(self.scale_scheme != TWO_LEVEL or self.rounding == "rtn",
-             f"two-level scales are rounded with rtn only (rounding {self.rounding!r} onto the two-level grid is not implemented)")
         need(self.format in FORMATS, f"format must be one of {tuple(FORMATS)}, got {self.format!r}")
         need(self.group_size is None or self.group_size == PER_CHANNEL or self.group_size > 0,
              f"group size must be a positive integer or -1 (per channel), got {self.group_size}")

@@ -4,7 +4,9 @@
 * ``gptq`` -- columns rounded one at a time onto the same table with the same group scales, each
   column's rounding error compensated on the not-yet-rounded columns through the inverse Hessian
   of the group's inputs (``calibrate/gptq.py``). Needs the layer inputs, so it turns the
-  calibration forward on even for RTN-with-per-token runs.
+  calibration forward on even for RTN-with-per-token runs. With two-level scales the group scale
+  is ``m[n, g] * s[n]``, chosen before the column loop (static groups), so the same loop rounds
+  onto the two-level grid and the result keeps its multipliers.
 
 Linears that read one input (q/k/v, gate/up) share the Hessian and are rounded as one stacked
 weight (output rows are independent given the Hessian).
@@ -48,7 +50,7 @@ class RoundToNearest(Rounding):
 
         from w4a8_dint.formats import TWO_LEVEL, quantize_two_level
 
-        if cfg.scale_scheme == TWO_LEVEL:  # the one place the run's scale scheme picks the weight quantizer
+        if cfg.scale_scheme == TWO_LEVEL:  # the run's scale scheme picks the weight quantizer here and in Gptq
             return {n: quantize_two_level(w.float(), table, group_size, row_clip.get(n)) for n, w in weights.items()}
         return {n: quantize_rows(w, table, group_size, row_clip.get(n)) for n, w in weights.items()}
 
@@ -62,7 +64,7 @@ class Gptq(Rounding):
     def quantize_group(self, weights, table, group_size, row_clip, hessian, cfg):
         import torch
 
-        from w4a8_dint.formats import QuantizedWeight, pack_codes, resolve_group_size
+        from w4a8_dint.formats import TWO_LEVEL, QuantizedWeight, pack_codes, resolve_group_size, two_level_scales
 
         from ..gptq import gptq_codes
         from ..search import row_clip_scales
@@ -77,13 +79,20 @@ class Gptq(Rounding):
             clip = torch.cat([row_clip[n].float().to(w.device) if n in row_clip else torch.ones(r, device=w.device)
                               for n, r in zip(names, rows)])
         g = resolve_group_size(w.shape[1], group_size)
-        scales = row_clip_scales(w, table, g, clip)  # static groups: every scale fixed before the column loop
+        # static groups: every scale fixed before the column loop
+        if cfg.scale_scheme == TWO_LEVEL:
+            s, mult = two_level_scales(w, table, g, clip)
+            scales = mult.float() * s  # the group scale m[n, g] * s[n], exactly as formats.quantize_two_level rounds with
+        else:
+            s, mult = None, None
+            scales = row_clip_scales(w, table, g, clip)
         codes = gptq_codes(w, hessian.to(w.device), scales, table, g, block_size=cfg.gptq_block_size,
                            damp=cfg.gptq_damp, act_order=cfg.gptq_act_order)
-        out = {}
-        for n, c, s in zip(names, codes.split(rows), scales.split(rows)):
-            out[n] = QuantizedWeight(pack_codes(c.contiguous()), s.float().contiguous(), table, g)
-        return out
+        if mult is None:
+            return {n: QuantizedWeight(pack_codes(c.contiguous()), sc.float().contiguous(), table, g)
+                    for n, c, sc in zip(names, codes.split(rows), scales.split(rows))}
+        return {n: QuantizedWeight(pack_codes(c.contiguous()), sn.contiguous(), table, g, mn.contiguous())
+                for n, c, sn, mn in zip(names, codes.split(rows), s.split(rows), mult.split(rows))}
 
 
 ROUNDING_REGISTRY: dict[str, Rounding] = {r.name: r for r in (RoundToNearest(), Gptq())}

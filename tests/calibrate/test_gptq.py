@@ -28,7 +28,10 @@ from w4a8_dint.calibrate.stream import LayerCall, LayerStream, build_skeleton
 from w4a8_dint.calibrate.verify import _install
 from w4a8_dint.checkpoint import load_tensors, read_qconfig, validate_checkpoint
 from w4a8_dint.embedded import embedded_model_dir, ptb_text
-from w4a8_dint.formats import DEFAULT_FORMAT, FORMATS, absmax_scales, dequantize_codes, get_format, round_to_codes
+from w4a8_dint.formats import (
+    DEFAULT_FORMAT, FLOAT_SCALES, FORMATS, TWO_LEVEL, absmax_scales, dequantize_codes, get_format, max_group_mult,
+    quantize_to_codes, round_to_codes, two_level_scales, unpack_codes,
+)
 from w4a8_dint.reference import w4a8_linear_reference
 
 LAYER = 2  # a real layer past the embeddings: its inputs come from float layers 0 and 1
@@ -75,7 +78,7 @@ def real_layer() -> RealLayer:
     return RealLayer(copy.deepcopy(layer), name, structure, cal, (hh, chh), (hp, cp))
 
 
-def linear_errors(rl: RealLayer, fmt: str, group: int, method: str) -> dict[str, float]:
+def linear_errors(rl: RealLayer, fmt: str, group: int, method: str, scale_scheme: str = FLOAT_SCALES) -> dict[str, float]:
     """Mean over the layer's 7 linears of ``||y_q - y||^2 / ||y||^2`` on held-out text, per rounding.
 
     The method's real plan (scales, clips, activation modes) is computed once and shared by both
@@ -83,7 +86,7 @@ def linear_errors(rl: RealLayer, fmt: str, group: int, method: str) -> dict[str,
     integer math) on the inputs the deployed linear sees (held-out inputs of the folded float layer).
     """
     table = get_format(fmt)
-    cfg = CalibrationConfig(method=method, format=fmt, group_size=group, progress=False,
+    cfg = CalibrationConfig(method=method, format=fmt, group_size=group, scale_scheme=scale_scheme, progress=False,
                             **(SMALL_AQAS if method == "aqas" else {}))
     layer = copy.deepcopy(rl.layer)
     calib = LayerCalibrator(cfg, table, group, skip=lambda n: False)
@@ -114,6 +117,7 @@ def linear_errors(rl: RealLayer, fmt: str, group: int, method: str) -> dict[str,
             xs = x if smooth is None else x / smooth
             q = get_rounding(rounding).quantize_group(weights, table, group, p.row_clip, hess[g.name], cfg)
             for n, qw in q.items():
+                assert qw.scale_scheme == scale_scheme
                 y = xs @ weights[n].t()
                 yq = w4a8_linear_reference(x, qw, p.act_mode, input_scale, smooth)
                 errs.append(float((yq - y).pow(2).sum() / y.pow(2).sum()))
@@ -131,6 +135,35 @@ def test_gptq_linear_output_error_beats_rtn_and_aqas_without_gptq(real_layer, fm
     assert rtn["gptq"] < rtn["rtn"], (rtn, aqas)
     assert aqas["gptq"] < aqas["rtn"], (rtn, aqas)
     assert aqas["gptq"] < rtn["rtn"], (rtn, aqas)
+
+
+@pytest.mark.parametrize("method", ["rtn", pytest.param("aqas", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("fmt", ["dint4-a", "int4"])
+def test_gptq_onto_the_two_level_grid_beats_rtn_two_level(real_layer, fmt, method):
+    # group scales m[n, g] * s[n] fixed before the column loop: GPTQ's static groups on the two-level grid
+    err = linear_errors(real_layer, fmt, 64, method, TWO_LEVEL)
+    print(fmt, method, "two-level g64", {k: round(v, 5) for k, v in err.items()})
+    assert err["gptq"] < err["rtn"], err
+
+
+def test_two_level_gptq_codes_are_nearest_on_the_two_level_grid(real_layer):
+    """Every GPTQ code is the table value nearest to *some* weight with the group scale m * s (one rounding rule),
+    the multipliers are the RTN choice, and GPTQ really moved codes."""
+    w, hess = _real_weight_and_hessian(real_layer)
+    table = get_format("dint4-a")
+    cfg = CalibrationConfig(method="rtn", rounding="gptq", group_size=64, scale_scheme=TWO_LEVEL, progress=False)
+    qw = cfg.rounding_impl.quantize_group({"down": w}, table, 64, {}, hess, cfg)["down"]
+    s, m = two_level_scales(w, table, 64)
+    assert qw.scale_scheme == TWO_LEVEL and torch.equal(qw.scales, s) and torch.equal(qw.group_mult, m)
+    assert int(qw.group_mult.max()) <= max_group_mult(table)
+    w8, half = qw.int8_expansion()
+    assert torch.equal(qw.dequantize(), w8.float() * half)  # one per-channel integer GEMM
+    group_scale = m.float() * s
+    assert torch.equal(quantize_to_codes(qw.dequantize(), group_scale, table, 64), unpack_codes(qw.packed))
+    rtn = CalibrationConfig(method="rtn", group_size=64, scale_scheme=TWO_LEVEL, progress=False)
+    rtn_qw = rtn.rounding_impl.quantize_group({"down": w}, table, 64, {}, None, rtn)["down"]
+    assert torch.equal(rtn_qw.scales, qw.scales) and torch.equal(rtn_qw.group_mult, qw.group_mult)
+    assert not torch.equal(rtn_qw.packed, qw.packed)
 
 
 def _real_weight_and_hessian(rl: RealLayer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,23 +251,29 @@ def test_same_seed_same_bytes(tmp_path, tiny_models, method):
     assert _digest(rtn) != _digest(a)  # GPTQ really changed the weights
 
 
-def test_gptq_checkpoint_validates_loads_in_hf_and_generates(tmp_path):
+@pytest.mark.parametrize("scale_scheme", [FLOAT_SCALES, TWO_LEVEL])
+def test_gptq_checkpoint_validates_loads_in_hf_and_generates(tmp_path, scale_scheme):
     """--rounding gptq checkpoint of the embedded SmolLM2: validates, from_pretrained builds W4A8 modules, the
     HF path's logits match the integer reference model, and greedy generation is the reference's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = embedded_model_dir()
     out = calibrate(None, tmp_path / "gptq", CalibrationConfig(method="rtn", rounding="gptq", group_size=64, max_layers=2,
-                                                               samples=4, seq_len=128, progress=False))
+                                                               scale_scheme=scale_scheme, samples=4, seq_len=128,
+                                                               progress=False))
     validate_checkpoint(out)
     q = read_qconfig(out)
     assert q.rounding == "gptq" and q.calibration["rounding"] == "gptq"
+    assert q.two_level == (scale_scheme == TWO_LEVEL) and q.calibration["scale_scheme"] == scale_scheme
+    tensors = load_tensors(out)
+    scale = tensors["model.layers.0.self_attn.q_proj.weight_scale"]
+    assert scale.shape[1] == (1 if scale_scheme == TWO_LEVEL else 576 // 64)
+    assert ("model.layers.1.mlp.down_proj.weight_group_mult" in tensors) == (scale_scheme == TWO_LEVEL)
     assert q.calibration["gptq_hessian_inputs"] == "quantized" and q.calibration["activations_collected"] is True
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "W4A8Linear"
     assert type(model.model.layers[2].self_attn.q_proj).__name__ == "Linear"  # beyond max_layers: float
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    tensors = load_tensors(out)
     for i in range(2):
         _install(ref.model.layers[i], f"model.layers.{i}", tensors, q, exact=True)
     tok = AutoTokenizer.from_pretrained(out)
