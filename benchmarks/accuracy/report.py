@@ -368,7 +368,9 @@ def gptq_section(res: dict[str, list], study: StudySettings) -> list[str]:
          f"% = perplexity over FP32. Targets: per channel within +{TARGETS[None]:.0f}%, g64 within +{TARGETS[64]:.0f}% "
          "(PTB and C4). Calibration cost: wall s, CPU s (user + system, all threads) and peak RSS MiB of the calibration "
          "process (imports and model load included; wall time on the shared box, load average in each run's JSON; "
-         "— = run from before these were measured).", "",
+         "— = run from before these were measured). GPTQ's Hessian comes from this study's calibration budget "
+         f"({study.samples} x {study.seq_len} tokens; the recipe default is 32 x 512), which is small for a 576- and "
+         "1536-wide Hessian (`benchmarks/peer_llmcompressor.py` runs ours at 32 samples).", "",
          "| recipe | granularity | " + " | ".join(f"{d.upper()} | {d.upper()} %" for d in ds)
          + " | target met | calib s | CPU s | peak RSS MiB |", "|---|---|" + "---:|" * (2 * len(ds)) + "---|---:|---:|---:|"]
     for r in recipe_rows(res, study):
@@ -380,7 +382,7 @@ def gptq_section(res: dict[str, list], study: StudySettings) -> list[str]:
     if best:
         L += [""]
         for gname, r in best.items():
-            L.append(f"**Best measured {gname}: {r['recipe']}**, " + ", ".join(
+            L.append(f"**Best measured {gname} (dint4-a): {r['recipe']}**, " + ", ".join(
                 f"{d.upper()} {r['ppl'][d]:.2f} ({_pct(r['over_fp32_pct'][d])})" for d in ds)
                 + f"; target +{r['target_pct']:.0f}%: " + ("met." if r["meets_target"] else "**not met**."))
     return L + [""]

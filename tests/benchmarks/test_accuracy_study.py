@@ -309,3 +309,29 @@ def test_failed_evaluation_keeps_the_calibration_for_the_rerun(tmp_path, monkeyp
     assert len(calls) == 1 and rec["reused_checkpoint"]  # not calibrated again
     assert rec["calibrate_cpu_s"] == 2.0 and rec["results"]["ptb"]["ppl"] == 80.0  # the cost of the kept calibration
     assert not rescued.exists() and not list(tmp_path.glob("*.cost.json"))  # cleaned up once evaluated
+
+
+def test_recipe_targets_and_two_level_gap_from_synthetic_records():
+    study = S()
+    fp = _rec({"ptb": 100.0, "c4": 40.0})
+    res = {"main": [(R(None), fp), (R("aqas", "dint4-a"), _rec({"ptb": 115.0, "c4": 44.0}))],
+           "g64": [(R("aqas", "dint4-a", group_size=64), _rec({"ptb": 110.0, "c4": 42.0}))],
+           "gptq": [(R("aqas", "dint4-a", group_size=64, rounding="gptq"), _rec({"ptb": 105.0, "c4": 42.0}, calibrate_cpu_s=9.0)),
+                    (R("rtn", "dint4-a", rounding="gptq"), _rec({"ptb": 111.0, "c4": 44.4}))],
+           "twolevel": [(R("aqas", "dint4-a", group_size=64, scale_scheme="two-level"), _rec({"ptb": 121.0, "c4": 42.0})),
+                        (R("aqas", "dint4-a", group_size=64, seed=1), _rec({"ptb": 111.1, "c4": 42.42}))]}
+    best = accuracy.report.best_recipes(res, study)
+    # per channel: GPTQ (+11% / +11%) beats AQAS (+15% / +10%) on the geometric mean and meets the +12% target
+    assert best["per channel"]["recipe"] == "GPTQ" and best["per channel"]["meets_target"] is True
+    # g64: AQAS + GPTQ (+5% / +5%) meets +6%; AQAS alone (+10%) would not
+    assert best["g64"]["recipe"] == "AQAS + GPTQ" and best["g64"]["meets_target"] is True
+    assert math.isclose(best["g64"]["over_fp32_pct"]["ptb"], 5.0) and best["g64"]["calibration"]["calibrate_cpu_s"] == 9.0
+    rows = {(r["recipe"], r["granularity"]): r for r in accuracy.report.recipe_rows(res, study)}
+    assert rows[("AQAS", "g64")]["meets_target"] is False and rows[("rotation + GPTQ", "g64")]["meets_target"] is None
+    gaps = {g["dataset"]: g["rel"] for g in accuracy.report.two_level_gaps(res, study)}
+    assert math.isclose(gaps["ptb"], 0.1) and math.isclose(gaps["c4"], 0.0)  # two-level 121 vs float 110
+    noise = {n["dataset"]: n["rel"] for n in accuracy.report.g64_seed_noise(res, study)}
+    assert math.isclose(noise["ptb"], 0.01) and math.isclose(noise["c4"], 0.01)
+    text = accuracy.report.markdown({**res, **{p: [] for p in ("slac", "dint", "zeroshot", "family", "noise", "static")}}, study)
+    assert "**Best measured g64 (dint4-a): AQAS + GPTQ**, PTB 105.00 (+5.0%), C4 42.00 (+5.0%); target +6%: met." in text
+    assert "dint4-a g64 PTB 110.00 -> 121.00 (+10.0%)" in text and "PTB 110.00 vs 111.10 (1.0%)" in text
