@@ -239,7 +239,7 @@ def parts(quick: bool, study: StudySettings | None = None) -> dict[str, list[Run
                 R("aqas", "dint4-a", group_size=64, seed=1),
                 R("aqas", "dint4-a", group_size=32), R("aqas", "dint4-a", group_size=32, **two),
                 R("aqas", "int4", group_size=32), R("aqas", "int4", group_size=32, **two),
-                R("aqas", "dint4-a", group_size=64, **gq, **two)]  # refused until GPTQ rounds onto the two-level grid
+                R("aqas", "dint4-a", group_size=64, **gq, **two)]  # GPTQ onto the two-level grid
     return {"main": main, "g64": g64, "slac": slac, "dint": dint, "zeroshot": zeroshot, "family": family, "noise": noise,
             "static": static, "gptq": gptq, "twolevel": twolevel}
 
