@@ -78,6 +78,18 @@ def onednn_int8_available() -> tuple[bool, str | None]:
     return True, None
 
 
+def finish_scaled_acc(
+    y: torch.Tensor, act_scale: torch.Tensor, bias: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype,
+) -> torch.Tensor:
+    """The reference epilogue after ``y = sum_g fl(acc_g * half_scale_g)`` (float32 ``[M, N]``), in its order:
+    times the activation scale, + bias in float32, back to ``x``'s leading shape and dtype.
+    Shared by every CPU kernel whose integer GEMM hands back ``fl(acc * half_scale)``."""
+    y = y * act_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*shape[:-1], y.shape[-1]).to(dtype)
+
+
 class OneDnnInt8Kernel(W4A8LinearKernel):
     """vLLM-CPU oneDNN s8 x s8 GEMM (VNNI / AMX) with the reference's exact epilogue."""
 
@@ -134,10 +146,7 @@ class OneDnnInt8Kernel(W4A8LinearKernel):
             raise ValueError(f"{self.name}: prepared for {out_dtype} activations, got {x.dtype}")
         shape = x.shape
         q_x, s_x = self.quantize_input(x.reshape(-1, shape[-1]), input_scale, smooth_scale, absmax_reduce)
-        y = self._scaled_int_gemm(state, q_x) * s_x
-        if bias is not None:
-            y = y + bias.float()
-        return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
+        return finish_scaled_acc(self._scaled_int_gemm(state, q_x), s_x, bias, shape, x.dtype)
 
     def _scaled_int_gemm(self, state: dict[str, torch.Tensor], q_x: torch.Tensor) -> torch.Tensor:
         """float32 ``sum_g fl(acc_g * half_scale_g)``, groups left to right: the exact part oneDNN may do."""

@@ -29,9 +29,10 @@ from w4a8_dint.formats import QuantizedWeight
 from w4a8_dint.kernels import ops as _ops  # noqa: F401  (registers torch.ops.w4a8_dint.*)
 from w4a8_dint.kernels.base import AbsmaxReduce, W4A8LayerSpec, W4A8LinearKernel
 from w4a8_dint.kernels.cpu_onednn import OneDnnInt8Kernel
+from w4a8_dint.kernels.cpu_packed import CpuPackedKernel
 from w4a8_dint.reference import w4a8_linear_reference
 
-__all__ = ["KERNELS", "AbsmaxReduce", "CpuInt8Kernel", "OneDnnInt8Kernel", "ReferenceKernel", "TritonW4A8Kernel",
+__all__ = ["KERNELS", "AbsmaxReduce", "CpuInt8Kernel", "CpuPackedKernel", "OneDnnInt8Kernel", "ReferenceKernel", "TritonW4A8Kernel",
            "W4A8LayerSpec", "W4A8LinearKernel", "choose_kernel"]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,10 @@ class CpuInt8Kernel(W4A8LinearKernel):
 
     name = "cpu-int8"
 
+    def __init__(self, spec: W4A8LayerSpec) -> None:
+        super().__init__(spec)
+        self._weight_absmax: int | None = None  # max |w8|, measured once at load (reference._int_mm's split)
+
     @classmethod
     def can_implement(cls, spec, device):
         if torch.device(device).type != "cpu":
@@ -78,6 +83,7 @@ class CpuInt8Kernel(W4A8LinearKernel):
 
     def prepare(self, qweight, weight_scale, weight_group_mult=None):
         w8, half_scales = self.quantized_weight(qweight, weight_scale, weight_group_mult).int8_expansion()
+        self._weight_absmax = int(w8.abs().amax()) if w8.numel() else 0
         # Stored K-major ([K, N] storage viewed as [N, K]): every group slice w8[:, k0:k1].t() is then a
         # contiguous [G, N] block, which is what torch._int_mm wants, so no call copies the weight.
         return {
@@ -92,7 +98,7 @@ class CpuInt8Kernel(W4A8LinearKernel):
         epilogue_group = self.spec.in_features // self.spec.epilogue_groups
         return torch.ops.w4a8_dint.w4a8_linear(
             x, state["w8"], state["half_scales"], state["lut"], epilogue_group, self.spec.act_mode,
-            input_scale, smooth_scale, bias,
+            input_scale, smooth_scale, bias, None, self._weight_absmax,
         )
 
 
@@ -137,8 +143,14 @@ class TritonW4A8Kernel(W4A8LinearKernel):
 
 
 # Preference order: the GPU kernel first (it says why it cannot run elsewhere), then vLLM-CPU's oneDNN
-# (only where vLLM is loaded), the plain-torch CPU kernel, and the reference.
-KERNELS: tuple[type[W4A8LinearKernel], ...] = (TritonW4A8Kernel, OneDnnInt8Kernel, CpuInt8Kernel, ReferenceKernel)
+# (only where vLLM is loaded), the 4-bit-resident CPU kernel, the plain-torch CPU kernel, and the reference.
+# cpu-packed sits after onednn-int8: it decodes 2-3x faster (M <= 8) but prefill (M >= 64) is ~3x slower than
+# oneDNN's prepacked AMX GEMM, and vLLM prefills. It sits before cpu-int8: faster at decode (torch._int_mm
+# repacks the int8 weight every call), similar at prefill, half the weight memory; per-channel and two-level
+# layers only (float group scales fall through to cpu-int8). Numbers: benchmarks/results/kernel_bench_cpu_packed.json.
+KERNELS: tuple[type[W4A8LinearKernel], ...] = (
+    TritonW4A8Kernel, OneDnnInt8Kernel, CpuPackedKernel, CpuInt8Kernel, ReferenceKernel,
+)
 
 
 def choose_kernel(

@@ -4,7 +4,7 @@ Importing this module registers three ops in the ``w4a8_dint`` namespace. Each h
 fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through it
 without running it. Signatures are stable:
 
-``torch.ops.w4a8_dint.w4a8_linear(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias, group_mult=None) -> Tensor``
+``torch.ops.w4a8_dint.w4a8_linear(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias, group_mult=None, weight_absmax=None) -> Tensor``
     The whole layer: ``x / smooth`` -> INT8 activation quantization -> integer GEMM ->
     float32 epilogue (+ bias) -> ``x.dtype``. Bit-identical to
     ``reference.w4a8_linear_reference`` on CPU (and on CUDA, see ``kernels/triton_w4a8.py``).
@@ -23,12 +23,20 @@ without running it. Signatures are stable:
                        multipliers of packed codes; ``half_scales`` is then per channel ``[N, 1]`` (``s / 2``)
                        and the layer is one integer GEMM (CPU callers pass the int8 expansion ``2v * m``
                        instead, with ``group_size = K`` and no ``group_mult``)
+    * ``weight_absmax`` ``None`` or ``max |int8 expansion|``, computed once at load by the kernel: on CPUs
+                       whose int8 GEMM saturates (no VNNI) it decides the exact weight split
+                       (``reference._int_mm``) without reducing the weight on every call
 
 ``torch.ops.w4a8_dint.quantize_activation(x, act_mode, input_scale, smooth_scale) -> (q, scale)``
     ``x [M, K]`` -> ``q int8 [M, K]``, ``scale float32 [M, 1]`` (the first half of the layer).
 
 ``torch.ops.w4a8_dint.w4a8_gemm(q_x, act_scale, weight, half_scales, lut, group_size, bias, out_dtype, group_mult=None) -> Tensor``
     ``q_x int8 [M, K]``, ``act_scale float32 [M, 1]`` -> ``out_dtype [M, N]`` (the second half).
+
+``torch.ops.w4a8_dint.cpu_packed_gemm(q_x, tiles, group_mult, comp, lut, half_scales) -> Tensor``
+    The 4-bit-resident CPU kernel's GEMM (``kernels/cpu_packed.py``; C++ in ``kernels/csrc``):
+    ``q_x int8 [M, K]`` and a weight in that kernel's packed layout -> float32 ``fl(acc * half_scales[n])``
+    ``[M, N]`` (``acc`` the exact int32 accumulator); the caller finishes the epilogue. CPU only.
 
 Dispatch is by device: CPU (and any device without a registered kernel) runs the exact
 torch path of ``reference`` (``torch._int_mm`` per group); CUDA runs the Triton kernels
@@ -46,7 +54,9 @@ from typing import Optional
 import torch
 
 from w4a8_dint.formats import PER_CHANNEL, FormatError, multiply_groups, unpack_codes
-from w4a8_dint.reference import ACT_MODES, int_matmul_grouped, quantize_activation, w4a8_epilogue
+from w4a8_dint.reference import (
+    ACT_MODES, cpu_int8_gemm_exact_full_range, int_matmul_grouped, quantize_activation, w4a8_epilogue,
+)
 
 NAMESPACE = "w4a8_dint"
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -137,20 +147,21 @@ def _quantize_activation_torch(
 def _w4a8_gemm_torch(
     q_x: torch.Tensor, act_scale: torch.Tensor, weight: torch.Tensor, half_scales: torch.Tensor, lut: torch.Tensor,
     group_size: int, bias: Optional[torch.Tensor], out_dtype: torch.dtype, group_mult: Optional[torch.Tensor] = None,
+    weight_absmax: Optional[int] = None,
 ) -> torch.Tensor:
     k = q_x.shape[1]
     w8 = expand_weight(weight, lut, group_mult, group_size)
     g = k if group_mult is not None else effective_group_size(k, group_size)  # two-level: one GEMM
     half_scales = half_scales.float()
     if g == k:
-        y = w4a8_epilogue(int_matmul_grouped(q_x, w8, g), half_scales, act_scale.float())
+        y = w4a8_epilogue(int_matmul_grouped(q_x, w8, g, weight_absmax), half_scales, act_scale.float())
     else:
         # reference.w4a8_epilogue's exact float order, one group at a time: never materialises the
         # [G, M, N] int32 partials (134 MB at M=256 for a 4096x4096 g128 layer) or the temporaries.
         hs_rows = half_scales.t().contiguous()  # [G, N]: each group's scales contiguous
-        y = int_matmul_grouped(q_x[:, :g], w8[:, :g], g)[0].float().mul_(hs_rows[0])
+        y = int_matmul_grouped(q_x[:, :g], w8[:, :g], g, weight_absmax)[0].float().mul_(hs_rows[0])
         for i in range(1, k // g):
-            part = int_matmul_grouped(q_x[:, i * g:(i + 1) * g], w8[:, i * g:(i + 1) * g], g)[0]
+            part = int_matmul_grouped(q_x[:, i * g:(i + 1) * g], w8[:, i * g:(i + 1) * g], g, weight_absmax)[0]
             y.add_(part.float().mul_(hs_rows[i]))
         y.mul_(act_scale.float())
     if bias is not None:
@@ -234,25 +245,27 @@ def _check_linear_args(x, weight, half_scales, lut, group_size, act_mode, input_
 def w4a8_linear_op(
     x: torch.Tensor, weight: torch.Tensor, half_scales: torch.Tensor, lut: torch.Tensor, group_size: int,
     act_mode: str, input_scale: Optional[torch.Tensor], smooth_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    group_mult: Optional[torch.Tensor] = None,
+    group_mult: Optional[torch.Tensor] = None, weight_absmax: Optional[int] = None,
 ) -> torch.Tensor:
     n = _check_linear_args(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias,
                            group_mult)
     x2 = x.reshape(-1, x.shape[-1])
     q_x, s_x = _quantize_activation_torch(x2, act_mode, input_scale, smooth_scale)
-    y = _w4a8_gemm_torch(q_x, s_x, weight, half_scales, lut, group_size, bias, x.dtype, group_mult)
+    y = _w4a8_gemm_torch(q_x, s_x, weight, half_scales, lut, group_size, bias, x.dtype, group_mult, weight_absmax)
     return y.reshape(*x.shape[:-1], n)
 
 
 @w4a8_linear_op.register_fake
-def _(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias, group_mult=None):
+def _(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias, group_mult=None,
+      weight_absmax=None):
     n = _check_linear_args(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias,
                            group_mult)
     return x.new_empty((*x.shape[:-1], n))
 
 
 @w4a8_linear_op.register_kernel("cuda")
-def _(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias, group_mult=None):
+def _(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias, group_mult=None,
+      weight_absmax=None):
     n = _check_linear_args(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias,
                            group_mult)
     x2 = x.reshape(-1, x.shape[-1])
@@ -267,13 +280,37 @@ def _(x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_sca
     return y.reshape(*x.shape[:-1], n)
 
 
+# -- op: cpu_packed_gemm (kernels/cpu_packed.py) ----------------------------------------
+
+@torch.library.custom_op(f"{NAMESPACE}::cpu_packed_gemm", mutates_args=())
+def cpu_packed_gemm_op(
+    q_x: torch.Tensor, tiles: torch.Tensor, group_mult: Optional[torch.Tensor], comp: torch.Tensor, lut: torch.Tensor,
+    half_scales: torch.Tensor,
+) -> torch.Tensor:
+    from w4a8_dint.kernels.cpu_packed import SCRATCH_MIN_M, extension_ops
+
+    ext = extension_ops()
+    n = half_scales.shape[0]
+    if q_x.shape[0] >= SCRATCH_MIN_M and cpu_int8_gemm_exact_full_range():
+        # Prefill: decode to a per-call int8 scratch (freed on return) and run one oneDNN int8 GEMM.
+        # Only where that GEMM is exact for |w8| up to 127 (VNNI/AMX); elsewhere the exact loop runs.
+        w8 = ext.decode_int8(tiles, group_mult, comp, lut, n, q_x.shape[1])
+        return torch._int_mm(q_x.contiguous(), w8.t()).float() * half_scales
+    return ext.packed_gemm(q_x, tiles, group_mult, comp, lut, half_scales, n)
+
+
+@cpu_packed_gemm_op.register_fake
+def _(q_x, tiles, group_mult, comp, lut, half_scales):
+    return q_x.new_empty((q_x.shape[0], half_scales.shape[0]), dtype=torch.float32)
+
+
 def w4a8_linear(
     x: torch.Tensor, weight: torch.Tensor, half_scales: torch.Tensor, lut: torch.Tensor, group_size: int,
     act_mode: str = "per-token", input_scale: Optional[torch.Tensor] = None,
     smooth_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-    group_mult: Optional[torch.Tensor] = None,
+    group_mult: Optional[torch.Tensor] = None, weight_absmax: Optional[int] = None,
 ) -> torch.Tensor:
     """Keyword-friendly front door to ``torch.ops.w4a8_dint.w4a8_linear``."""
     return torch.ops.w4a8_dint.w4a8_linear(
-        x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias, group_mult
+        x, weight, half_scales, lut, group_size, act_mode, input_scale, smooth_scale, bias, group_mult, weight_absmax
     )

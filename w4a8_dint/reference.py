@@ -95,8 +95,12 @@ def fake_quantize_activation(x: torch.Tensor, act_mode: str, input_scale: torch.
     return (q.float() * s).reshape(shape).to(x.dtype)
 
 
-def int_matmul_grouped(q_x: torch.Tensor, w8: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Exact int32 per-group partial sums ``[G, M, N]`` of ``q_x [M, K] @ w8[N, K].T``."""
+def int_matmul_grouped(
+    q_x: torch.Tensor, w8: torch.Tensor, group_size: int, weight_absmax: int | None = None
+) -> torch.Tensor:
+    """Exact int32 per-group partial sums ``[G, M, N]`` of ``q_x [M, K] @ w8[N, K].T``.
+
+    ``weight_absmax``: ``max |w8|`` when the caller knows it (kernels compute it once at load); see :func:`_int_mm`."""
     m, k = q_x.shape
     n = w8.shape[0]
     if w8.shape[1] != k:
@@ -105,7 +109,7 @@ def int_matmul_grouped(q_x: torch.Tensor, w8: torch.Tensor, group_size: int) -> 
     out = torch.empty(groups, m, n, dtype=torch.int32, device=q_x.device)
     for g in range(groups):
         sl = slice(g * group_size, (g + 1) * group_size)
-        out[g] = _int_mm(q_x[:, sl], w8[:, sl])
+        out[g] = _int_mm(q_x[:, sl], w8[:, sl], weight_absmax)
     return out
 
 
@@ -131,15 +135,17 @@ def cpu_int8_gemm_exact_full_range() -> bool:
     return torch.equal(got.long(), (a.long() @ b.long().t()))
 
 
-def _int_mm(a: torch.Tensor, b_nk: torch.Tensor) -> torch.Tensor:
+def _int_mm(a: torch.Tensor, b_nk: torch.Tensor, weight_absmax: int | None = None) -> torch.Tensor:
     """int8 [M, K] x int8 [N, K] -> int32 [M, N], exact on every CPU.
 
     Where the CPU's int8 GEMM saturates (see SATURATION_SAFE_WEIGHT), a weight beyond the safe range is
-    split into two halves within it (floor(w/2) + ceil(w/2)) and the two exact int32 results added."""
+    split into two halves within it (floor(w/2) + ceil(w/2)) and the two exact int32 results added.
+    ``weight_absmax`` (``max |b_nk|``, or an upper bound of it) lets a kernel decide that once at load
+    instead of reducing the weight on every call; None (the reference) measures it here."""
     if a.shape[0] == 0:
         return torch.zeros(0, b_nk.shape[0], dtype=torch.int32, device=a.device)
     if (b_nk.device.type == "cpu" and b_nk.numel() and not cpu_int8_gemm_exact_full_range()
-            and int(b_nk.abs().amax()) > SATURATION_SAFE_WEIGHT):
+            and (int(b_nk.abs().amax()) if weight_absmax is None else weight_absmax) > SATURATION_SAFE_WEIGHT):
         low = torch.div(b_nk, 2, rounding_mode="floor")
         return _int_mm_raw(a, low) + _int_mm_raw(a, b_nk - low)
     return _int_mm_raw(a, b_nk)
