@@ -343,8 +343,8 @@ def report_section(results: dict[str, Any]) -> str:
                 "| granularity | recipe | PTB | C4 | PTB vs FP32 | C4 vs FP32 | PTB acts off (W4A16) | act-quant effect PTB / C4 "
                 "| calib wall s | loadavg (1 min) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         order = {n: i for i, n in enumerate((*RECIPES, *OURS))}
-        groups = sorted({r["group_size"] for r in runs if r["model_name"] == m and r["recipe"] != BASELINE},
-                        key=lambda g: (g == -1, g))
+        groups = sorted({r["group_size"] for r in runs if r["model_name"] == m and r["recipe"] != BASELINE}
+                        | {g for mm, g in TARGETS if mm == m}, key=lambda g: (g == -1, g))
         for g in groups:
             rs = sorted((r for r in runs if r["model_name"] == m and r["group_size"] == g and r["recipe"] != BASELINE),
                         key=lambda r: order.get(r["recipe"], 99))
@@ -363,7 +363,10 @@ def report_section(results: dict[str, Any]) -> str:
                            f"{_pct(ex['ptb']) if ex else '-'} | {_pct(ex['c4']) if ex else '-'} | - | ")
                 out[-1] += (f"{_pct(eff['ptb'])} / {_pct(eff['c4'])} | " if eff else "- | ")
                 out[-1] += f"{res['calib_wall_s']:.0f} | {r.get('loadavg', ['?'])[0]} |"
+            if not rs:
+                out.append(f"| {_gran(g)} | not run yet ||||||||||")
             if fp is None:
+                summary.append(f"| {m} | {_gran(g)} | not run | - | - | - | - | not scored (no FP32 run) | - |")
                 continue
             peer = [r for r in rs if r["recipe"] in RECIPES and ok(r)]
             ours = [r for r in rs if r["recipe"] in OURS and ok(r)]
@@ -380,7 +383,7 @@ def report_section(results: dict[str, Any]) -> str:
                 v_target = ("**met**" if all(v <= target for v in ex.values()) else "**missed**") + \
                     f" ({' / '.join(_pct(v) for v in ex.values())} vs {_pct(target)})"
             if ob is None or pb is None:
-                vs, v_peer = "-", "not run (" + ("peer" if pb is None else "ours") + " missing)"
+                vs, v_peer = "-", "not run (" + " and ".join(n for n, b in (("peer", pb), ("ours", ob)) if b is None) + " missing)"
             else:
                 rel = {d: ob["result"]["ppl"][d] / pb["result"]["ppl"][d] - 1 for d in PPL_SETS}
                 vs = " / ".join(_pct(v) for v in rel.values())
