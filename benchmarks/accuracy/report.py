@@ -320,30 +320,35 @@ def calib_cost(rec: dict | None) -> dict[str, float | None]:
 
 
 def two_level_rows(res: dict[str, list], study: StudySettings) -> list[dict[str, Any]]:
-    """AQAS (rtn rounding): per channel vs float vs two-level group scales, for dint4-a and int4 at g64 and g32."""
+    """AQAS: per channel vs float vs two-level group scales, for dint4-a and int4 at g64 and g32 (rtn rounding),
+    and AQAS + GPTQ dint4-a at g64."""
     rows, fp = _all_rows(res), _find(res.get("main", []), None, None)
+    cells = [(f, "rtn", gname, group, scheme) for f in ("dint4-a", "int4")
+             for gname, group, scheme in (("per channel", None, "float"), ("g64", 64, "float"), ("g64", 64, "two-level"),
+                                          ("g32", 32, "float"), ("g32", 32, "two-level"))]
+    cells += [("dint4-a", "gptq", gname, group, scheme)
+              for gname, group, scheme in (("per channel", None, "float"), ("g64", 64, "float"), ("g64", 64, "two-level"))]
     out = []
-    for f in ("dint4-a", "int4"):
-        for gname, group, scheme in (("per channel", None, "float"), ("g64", 64, "float"), ("g64", 64, "two-level"),
-                                     ("g32", 32, "float"), ("g32", 32, "two-level")):
-            rec = _find(rows, "aqas", f, group_size=group, scale_scheme=scheme)
-            out.append({"format": f, "granularity": gname, "scales": scheme if group else "per channel",
-                        "ppl": {d: ppl(rec, d) for d in study.ppl_sets},
-                        "over_fp32_pct": {d: over_fp(rec, fp, d) for d in study.ppl_sets}, "calibration": calib_cost(rec)})
+    for f, rounding, gname, group, scheme in cells:
+        rec = _find(rows, "aqas", f, group_size=group, scale_scheme=scheme, rounding=rounding)
+        out.append({"format": f, "rounding": rounding, "granularity": gname, "scales": scheme if group else "per channel",
+                    "ppl": {d: ppl(rec, d) for d in study.ppl_sets},
+                    "over_fp32_pct": {d: over_fp(rec, fp, d) for d in study.ppl_sets}, "calibration": calib_cost(rec)})
     return out
 
 
 def two_level_gaps(res: dict[str, list], study: StudySettings) -> list[dict[str, Any]]:
-    """Two-level vs float group scales: relative perplexity change (two-level / float - 1), per format, group, dataset."""
+    """Two-level vs float group scales: relative perplexity change (two-level / float - 1), per format, group,
+    rounding and dataset."""
     rows, out = _all_rows(res), []
-    for f in ("dint4-a", "int4"):
-        for group in (64, 32):
-            a = _find(rows, "aqas", f, group_size=group)
-            b = _find(rows, "aqas", f, group_size=group, scale_scheme="two-level")
-            for d in study.ppl_sets:
-                if math.isfinite(ppl(a, d)) and math.isfinite(ppl(b, d)):
-                    out.append({"format": f, "group_size": group, "dataset": d, "float": ppl(a, d), "two_level": ppl(b, d),
-                                "rel": ppl(b, d) / ppl(a, d) - 1})
+    for f, group, rounding in (("dint4-a", 64, "rtn"), ("int4", 64, "rtn"), ("dint4-a", 32, "rtn"), ("int4", 32, "rtn"),
+                               ("dint4-a", 64, "gptq")):
+        a = _find(rows, "aqas", f, group_size=group, rounding=rounding)
+        b = _find(rows, "aqas", f, group_size=group, scale_scheme="two-level", rounding=rounding)
+        for d in study.ppl_sets:
+            if math.isfinite(ppl(a, d)) and math.isfinite(ppl(b, d)):
+                out.append({"format": f, "group_size": group, "rounding": rounding, "dataset": d, "float": ppl(a, d),
+                            "two_level": ppl(b, d), "rel": ppl(b, d) / ppl(a, d) - 1})
     return out
 
 
@@ -390,20 +395,21 @@ def gptq_section(res: dict[str, list], study: StudySettings) -> list[str]:
 
 def two_level_section(res: dict[str, list], study: StudySettings) -> list[str]:
     ds = study.ppl_sets
-    L = ["## Two-level vs float group scales vs per channel (AQAS, rtn rounding, per-token activations)", "",
+    L = ["## Two-level vs float group scales vs per channel (AQAS, per-token activations)", "",
          "Two-level = `--scale-scheme two-level`: each group's scale is a small integer multiplier times one float "
          "scale per output channel, so the CPU kernel runs one INT8 GEMM per layer instead of one per group. "
          "Per channel rows come from the main table, float g64 from the g64 part.", "",
-         "| format | granularity | scales | " + " | ".join(f"{d.upper()} | {d.upper()} %" for d in ds)
-         + " | calib s | CPU s | peak RSS MiB |", "|---|---|---|" + "---:|" * (2 * len(ds)) + "---:|---:|---:|"]
+         "| format | rounding | granularity | scales | " + " | ".join(f"{d.upper()} | {d.upper()} %" for d in ds)
+         + " | calib s | CPU s | peak RSS MiB |", "|---|---|---|---|" + "---:|" * (2 * len(ds)) + "---:|---:|---:|"]
     for r in two_level_rows(res, study):
-        L.append(f"| {r['format']} | {r['granularity']} | {r['scales']} | " + " | ".join(
+        L.append(f"| {r['format']} | {r['rounding']} | {r['granularity']} | {r['scales']} | " + " | ".join(
             f"{'—' if not math.isfinite(r['ppl'][d]) else format(r['ppl'][d], '.2f')} | {_pct(r['over_fp32_pct'][d])}"
             for d in ds) + f" | {_cost_cells(r['calibration'])} |")
     gaps, noise = two_level_gaps(res, study), g64_seed_noise(res, study)
     if gaps:
         L += ["", "Two-level vs float group scales (two-level / float - 1): " + "; ".join(
-            f"{g['format']} g{g['group_size']} {g['dataset'].upper()} {g['float']:.2f} -> {g['two_level']:.2f} "
+            f"{g['format']} g{g['group_size']}{' + GPTQ' if g['rounding'] == 'gptq' else ''} {g['dataset'].upper()} "
+            f"{g['float']:.2f} -> {g['two_level']:.2f} "
             f"({100 * g['rel']:+.1f}%)" for g in gaps) + "."]
     if noise:
         L += ["", "Seed noise at the same setting (AQAS dint4-a float g64, calibration seed 0 vs 1): " + "; ".join(
@@ -686,11 +692,13 @@ def plots(res: dict[str, list], study: StudySettings, out_dir: Path) -> list[Pat
         cells = [(f, g) for f in ("dint4-a", "int4") for g in ("g64", "g32")]
         for ax, d in zip(axes[0], study.ppl_sets):
             for j, scheme in enumerate(("float", "two-level")):
-                vals = [next((r["over_fp32_pct"][d] for r in two if (r["format"], r["granularity"], r["scales"]) == (f, g, scheme)),
+                vals = [next((r["over_fp32_pct"][d] for r in two
+                              if (r["format"], r["granularity"], r["scales"], r["rounding"]) == (f, g, scheme, "rtn")),
                              float("nan")) for f, g in cells]
                 ax.bar([i + 0.4 * j for i in range(len(cells))], vals, 0.4, label=f"{scheme} group scales")
             for i, (f, _) in enumerate(cells):  # per channel of the same format, for reference
-                pc = next(r["over_fp32_pct"][d] for r in two if (r["format"], r["granularity"]) == (f, "per channel"))
+                pc = next(r["over_fp32_pct"][d] for r in two
+                          if (r["format"], r["granularity"], r["rounding"]) == (f, "per channel", "rtn"))
                 ax.plot([i - 0.2, i + 0.6], [pc, pc], "k:", lw=1, label="per channel" if i == 0 else None)
             ax.set_xticks([i + 0.2 for i in range(len(cells))], [f"{f}\n{g}" for f, g in cells])
             ax.set_ylabel(f"{d.upper()} ppl over fp32 (%)")
