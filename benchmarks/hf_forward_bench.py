@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     run = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "model_dir": str(base), "threads": args.threads,
            "batch": args.batch, "seq_len": args.seq_len, "rounds": args.rounds, "activations": "float32",
            "target": "every W4A8 model speed_vs_fp32 >= 1.0",
-           "targets_met": {n: r["speed_vs_fp32_wall"] >= 1.0 for n, r in rows.items() if n != "fp32" and base_wall},
+           "targets_met": targets_met(rows),
            "cpu": _cpu(), "torch": torch.__version__, "models": rows, "round_log": rounds_meta}
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.is_file() else {"benchmark": "hf_forward_bench", "runs": {}}
@@ -135,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def targets_met(rows: dict) -> dict:
+    """Per W4A8 model: no slower than fp32, by wall clock and by CPU seconds (the steadier one on a loaded box)."""
+    return {n: {"wall": r["speed_vs_fp32_wall"] >= 1.0, "cpu": r["speed_vs_fp32_cpu"] >= 1.0}
+            for n, r in rows.items() if n != "fp32" and r["speed_vs_fp32_wall"] is not None}
 
 
 def _cpu() -> str:
