@@ -23,14 +23,24 @@ group *inside* the reduction (K / G partial sums each scaled and summed in the r
 which is no longer one integer GEMM; ``onednn-int8`` / ``cpu-int8`` run them.
 
 M buckets (prefill): for M >= :data:`SCRATCH_MIN_M` the op instead decodes the packed weight to a
-per-call int8 scratch ``[N, K]`` (freed after the call, so resident memory stays 4-bit) and runs one
-``torch._int_mm`` (oneDNN: AMX / VNNI), where the in-register loop re-decodes the weight for every 8
-rows. Measured on this 2-core Xeon (AVX512-VNNI + AMX, shared, loadavg ~3-6), 4096 x 4096, one
-thread, ms, per-channel / two-level g64 (benchmarks/results/kernel_bench_cpu_packed.json has the
-full table):
+per-call int8 scratch ``[N, K]`` (freed on return, so resident memory stays 4-bit) and runs one
+``torch._int_mm`` (oneDNN: AMX / VNNI), because the in-register loop re-decodes the weight for every
+8 rows and runs at VNNI rate while oneDNN has AMX. Only where that GEMM is exact for |w8| <= 127
+(VNNI/AMX, ``reference.cpu_int8_gemm_exact_full_range``); elsewhere the exact loop runs for every M.
+Measured on the shared 2-core Xeon (AVX512-VNNI + AMX), 4096 x 4096, one thread, thread CPU ms,
+loadavg ~10 (the decode to scratch is ~3 ms of it):
 
-    M       in-register loop    decode + torch._int_mm
-    see SCRATCH_MIN_M's comment for the numbers that set the threshold.
+    M                        32      64     128     256     512
+    per-channel   loop     2.86    5.21    9.96   18.69   37.17
+                  scratch  7.48    7.81    8.97   10.95   21.52
+    two-level g64 loop     3.32    6.16   10.59   21.62   44.20
+                  scratch  9.04   10.13   11.33   13.88   21.84
+
+Against the int8-expansion kernels (benchmarks/kernel_bench_cpu_packed.py, Llama-7B/8B shapes,
+GEMM alone, loadavg 13-22): M = 1 is 1.36-1.62x faster than ``onednn-int8`` and 5.6-8.3x faster than
+``cpu-int8``; M = 8 is 0.86-1.11x ``onednn-int8`` (VNNI issue rate vs oneDNN's AMX) and 3.7-4.9x
+``cpu-int8``; prefill (M >= 64) is 0.25-0.57x ``onednn-int8`` and 0.65-1.43x ``cpu-int8``.
+Hence its place in ``linear.KERNELS``: after ``onednn-int8``, before ``cpu-int8``.
 """
 
 from __future__ import annotations

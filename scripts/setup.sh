@@ -40,4 +40,7 @@ pip install --no-deps -e .
 import torch, transformers, safetensors, w4a8_dint  # noqa: F401
 print(f"[setup] torch {torch.__version__}, transformers {transformers.__version__}, w4a8_dint {w4a8_dint.__version__}")
 PY
+# Pre-build the cpu-packed C++ extension into ~/.cache/w4a8-dint/ext (else the first CPU model load does it);
+# a failed build is not fatal: the other CPU kernels run.
+"$VENV/bin/python" -c 'from w4a8_dint.kernels.cpu_packed import load_extension; print("[setup] cpu-packed extension (ok, why not):", load_extension())' || true
 echo "$want" > "$STAMP"
