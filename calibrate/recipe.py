@@ -144,7 +144,7 @@ class CalibrationConfig:
     def rounding_impl(self):
         from .methods import get_rounding
 
-        return get_rounding(self.rounding)
+        return get_rounding(self.rounding).for_scale_scheme(self.scale_scheme)
 
     @property
     def families(self) -> tuple[str, ...]:

@@ -406,17 +406,20 @@ def max_group_mult(table: CodeTable) -> int:
 TWO_LEVEL_RATIOS: tuple[float, ...] = (1.0, 0.96, 0.92, 0.88, 0.84, 0.8)
 
 
-def _group_sq_error(wg: torch.Tensor, scale: torch.Tensor, table: CodeTable) -> torch.Tensor:
-    """``[N, ng]`` squared reconstruction error of ``wg [N, ng, G]`` quantized with ``scale [N, ng]``.
+def _group_sq_error(
+    wg: torch.Tensor, scale: torch.Tensor, table: CodeTable, col_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[..., ng]`` squared reconstruction error of ``wg [..., ng, G]`` quantized with ``scale [..., ng]``.
 
-    The tie rule does not matter here (both neighbours of a tie are equally far), so one
-    bucketize straight to values suffices; a zero scale reconstructs zeros.
+    ``col_weight`` (broadcasting to ``wg``) weights each element's squared error. The tie rule does
+    not matter here (both neighbours of a tie are equally far), so one bucketize straight to values
+    suffices; a zero scale reconstructs zeros.
     """
     vals, _, mids = table._sorted
     s = scale.unsqueeze(-1)
     x = wg / torch.where(s > 0, s, torch.ones_like(s))
-    q = vals.to(wg.device)[torch.bucketize(x, mids.to(wg.device), out_int32=True)] * s
-    return (q - wg).square_().sum(-1)
+    q = vals.to(wg.device)[torch.bucketize(x, mids.to(wg.device), out_int32=True)].mul_(s).sub_(wg).square_()
+    return (q if col_weight is None else q.mul_(col_weight)).sum(-1)
 
 
 def two_level_scales(
@@ -459,12 +462,86 @@ def two_level_scales(
     return best_s.float().contiguous(), best_m.to(torch.uint8).contiguous()
 
 
-def quantize_two_level(
-    w: torch.Tensor, table: CodeTable, group_size: int, row_clip: torch.Tensor | None = None
-) -> QuantizedWeight:
-    """Quantize ``[N, K]`` with two-level scales (see :func:`two_level_scales`)."""
+# The searched choice (:func:`search_two_level_scales`): candidate per-channel scales as fractions of
+# the row's largest absmax group scale / max_m (a superset of TWO_LEVEL_RATIOS, so per row the search is
+# never worse than the closed form), and how many integers from ceil(absmax / s) down each group tries
+# (its own clip on the integer grid). On real SmolLM2 weights (benchmarks/two_level_search.py) window 3
+# reached the same error as every m in 0..max_m, and ratios below 0.7 or finer steps gained under 0.5 %.
+TWO_LEVEL_SEARCH_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.02 * i, 2) for i in range(16))  # 1.0 .. 0.7
+TWO_LEVEL_MULT_WINDOW = 3
+_SEARCH_ELEMENTS = 1 << 22  # elements per intermediate: candidates are evaluated in chunks of this size
+
+
+def search_two_level_scales(
+    w: torch.Tensor, table: CodeTable, group_size: int, row_clip: torch.Tensor | None = None,
+    col_weight: torch.Tensor | None = None, ratios: tuple[float, ...] = TWO_LEVEL_SEARCH_RATIOS,
+    window: int = TWO_LEVEL_MULT_WINDOW,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s float32 [N, 1]`` and ``m uint8 [N, K // G]`` chosen jointly per row to minimise its error.
+
+    The error is ``sum_k col_weight[k] * (w[n, k] - q[n, k])^2`` (``col_weight [K]``: the diagonal of
+    ``X^T X``, say; None: plain squared error). For each candidate ``s`` (``ratios`` x the row's largest
+    absmax group scale / max_m) every group takes its best multiplier among ``m = 0`` (all zeros) and
+    the ``window`` integers ``ceil(absmax_g / s), ...`` down to 1 (each group searches its own clip on
+    the integer grid ``m * s``); the row keeps the candidate with the smallest summed error.
+    ``row_clip [N]`` shrinks the absmax group scales first (the calibrated clip ratios bound the
+    group scales from above). Ties keep the earlier candidate: the larger ratio, and ``m = 0`` over a
+    multiplier that rounds the group to zeros too. Pure and deterministic; vectorised over rows and
+    candidates (chunks of about ``_SEARCH_ELEMENTS`` elements).
+    """
+    check_finite(w, "weight")
     g = resolve_group_size(w.shape[-1], group_size)
-    s, m = two_level_scales(w, table, g, row_clip)
+    wg = _grouped(w.float(), g)
+    n, ng, _ = wg.shape
+    ideal = absmax_scales(w, table, g)
+    if row_clip is not None:
+        ideal = ideal * row_clip.to(ideal.device, torch.float32)[:, None]
+    cw = None
+    if col_weight is not None:
+        check_finite(col_weight, "column weights")
+        cw = col_weight.to(wg.device, torch.float32).reshape(1, 1, ng, g)
+    m_max = max_group_mult(table)
+    top = ideal.amax(dim=1, keepdim=True)  # [N, 1]
+    zero_err = (wg.square() if cw is None else wg.square() * cw[0]).sum(-1)  # [N, ng]: m = 0
+    best_err = torch.full((n,), math.inf, device=wg.device)
+    best_s = torch.zeros_like(top)
+    best_m = torch.zeros_like(ideal)
+    r_all = torch.tensor(ratios, dtype=torch.float32, device=wg.device)
+    chunk = max(1, _SEARCH_ELEMENTS // max(1, wg.numel()))
+    for r in r_all.split(chunk):
+        s = top * r / m_max  # [N, c]
+        per_s = ideal[:, None, :] / torch.where(s > 0, s, torch.ones_like(s))[..., None]  # [N, c, ng]
+        ceil = per_s.ceil().clamp(1, m_max)
+        err = zero_err[:, None, :].expand_as(per_s).clone()
+        mult = torch.zeros_like(per_s)
+        for j in range(window):
+            m = (ceil - j).clamp(min=1)
+            e = _group_sq_error(wg[:, None], m * s[..., None], table, cw)
+            better = e < err
+            err = torch.where(better, e, err)
+            mult = torch.where(better, m, mult)
+        row_err, idx = err.sum(-1).min(dim=1)  # [N]: the first (largest-ratio) minimum
+        better = row_err < best_err
+        best_err = torch.where(better, row_err, best_err)
+        best_s = torch.where(better[:, None], s.gather(1, idx[:, None]), best_s)
+        best_m = torch.where(better[:, None], mult.gather(1, idx[:, None, None].expand(n, 1, ng))[:, 0], best_m)
+    return best_s.float().contiguous(), best_m.to(torch.uint8).contiguous()
+
+
+def quantize_two_level(
+    w: torch.Tensor, table: CodeTable, group_size: int, row_clip: torch.Tensor | None = None,
+    col_weight: torch.Tensor | None = None, search: bool = True,
+) -> QuantizedWeight:
+    """Quantize ``[N, K]`` with two-level scales: ``s`` and ``m`` from :func:`search_two_level_scales`
+    (``col_weight [K]`` weights the error, e.g. diag(X^T X)), or with ``search=False`` from the closed
+    form :func:`two_level_scales`; codes are then the nearest table values with group scale ``m * s``."""
+    g = resolve_group_size(w.shape[-1], group_size)
+    if search:
+        s, m = search_two_level_scales(w, table, g, row_clip, col_weight)
+    elif col_weight is not None:
+        raise FormatError("the closed-form two-level scales take no column weights (use search=True)")
+    else:
+        s, m = two_level_scales(w, table, g, row_clip)
     codes = quantize_to_codes(w, m.float() * s, table, g)
     return QuantizedWeight(pack_codes(codes), s, table, g, m)
 

@@ -10,6 +10,14 @@
 
 Linears that read one input (q/k/v, gate/up) share the Hessian and are rounded as one stacked
 weight (output rows are independent given the Hessian).
+
+Two-level scales (``--scale-scheme two-level``): both roundings choose ``s`` and the multipliers with
+``formats.search_two_level_scales``, each column's error weighted by ``diag(H)`` (the energy of its
+input channel), so RTN two-level collects the layer inputs too (:meth:`Rounding.for_scale_scheme`).
+The method's per-row clip ratios (searched for float group scales) are not applied: the search picks
+each group's clip on the integer grid itself. Weighted, the search gave a lower layer output error
+than float group scales; unweighted, no lower than the closed form; with the row clips, a little
+higher (benchmarks/two_level_search.py, docs/format.md).
 """
 
 from __future__ import annotations
@@ -37,6 +45,10 @@ class Rounding:
                        cfg: "CalibrationConfig") -> dict[str, "QuantizedWeight"]:
         raise NotImplementedError
 
+    def for_scale_scheme(self, scale_scheme: str) -> "Rounding":
+        """The rounding a run with ``scale_scheme`` uses: itself, unless that scheme needs more inputs."""
+        return self
+
     def __repr__(self) -> str:
         return f"<rounding {self.name}>"
 
@@ -51,8 +63,27 @@ class RoundToNearest(Rounding):
         from w4a8_dint.formats import TWO_LEVEL, quantize_two_level
 
         if cfg.scale_scheme == TWO_LEVEL:  # the run's scale scheme picks the weight quantizer here and in Gptq
-            return {n: quantize_two_level(w.float(), table, group_size, row_clip.get(n)) for n, w in weights.items()}
+            col_weight = None if hessian is None else _column_importance(hessian)
+            return {n: quantize_two_level(w.float(), table, group_size, col_weight=col_weight) for n, w in weights.items()}
         return {n: quantize_rows(w, table, group_size, row_clip.get(n)) for n, w in weights.items()}
+
+    def for_scale_scheme(self, scale_scheme):
+        from w4a8_dint.formats import TWO_LEVEL
+
+        return ROUND_TO_NEAREST_TWO_LEVEL if scale_scheme == TWO_LEVEL else self
+
+
+class RoundToNearestTwoLevel(RoundToNearest):
+    """RTN onto two-level scales searched with each column's error weighted by diag(H)."""
+
+    needs_hessian = True
+
+
+def _column_importance(hessian: "torch.Tensor") -> "torch.Tensor":
+    """``diag(H) [K]``: how much a weight error in each input column costs at the output (H ~ X^T X)."""
+    import torch
+
+    return torch.diagonal(hessian).float().clamp(min=0)
 
 
 class Gptq(Rounding):
@@ -64,7 +95,7 @@ class Gptq(Rounding):
     def quantize_group(self, weights, table, group_size, row_clip, hessian, cfg):
         import torch
 
-        from w4a8_dint.formats import TWO_LEVEL, QuantizedWeight, pack_codes, resolve_group_size, two_level_scales
+        from w4a8_dint.formats import TWO_LEVEL, QuantizedWeight, pack_codes, resolve_group_size, search_two_level_scales
 
         from ..gptq import gptq_codes
         from ..search import row_clip_scales
@@ -80,8 +111,8 @@ class Gptq(Rounding):
                               for n, r in zip(names, rows)])
         g = resolve_group_size(w.shape[1], group_size)
         # static groups: every scale fixed before the column loop
-        if cfg.scale_scheme == TWO_LEVEL:
-            s, mult = two_level_scales(w, table, g, clip)
+        if cfg.scale_scheme == TWO_LEVEL:  # row clips unused: the search clips each group on the integer grid
+            s, mult = search_two_level_scales(w, table, g, col_weight=_column_importance(hessian).to(w.device))
             scales = mult.float() * s  # the group scale m[n, g] * s[n], exactly as formats.quantize_two_level rounds with
         else:
             s, mult = None, None
@@ -96,3 +127,4 @@ class Gptq(Rounding):
 
 
 ROUNDING_REGISTRY: dict[str, Rounding] = {r.name: r for r in (RoundToNearest(), Gptq())}
+ROUND_TO_NEAREST_TWO_LEVEL = RoundToNearestTwoLevel()  # what "rtn" is in a two-level run (for_scale_scheme)

@@ -9,6 +9,7 @@ move the attention pattern; benchmarks/gptq_hessian_ablation.py and docs/calibra
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ from w4a8_dint.checkpoint import load_tensors, read_qconfig, validate_checkpoint
 from w4a8_dint.embedded import embedded_model_dir, ptb_text
 from w4a8_dint.formats import (
     DEFAULT_FORMAT, FLOAT_SCALES, FORMATS, TWO_LEVEL, absmax_scales, dequantize_codes, get_format, max_group_mult,
-    quantize_to_codes, round_to_codes, two_level_scales, unpack_codes,
+    QuantizedWeight, pack_codes, quantize_to_codes, round_to_codes, search_two_level_scales, two_level_scales,
+    unpack_codes,
 )
 from w4a8_dint.reference import w4a8_linear_reference
 
@@ -78,12 +80,14 @@ def real_layer() -> RealLayer:
     return RealLayer(copy.deepcopy(layer), name, structure, cal, (hh, chh), (hp, cp))
 
 
-def linear_errors(rl: RealLayer, fmt: str, group: int, method: str, scale_scheme: str = FLOAT_SCALES) -> dict[str, float]:
+def linear_errors(rl: RealLayer, fmt: str, group: int, method: str, scale_scheme: str = FLOAT_SCALES,
+                  extra: dict | None = None) -> dict[str, float]:
     """Mean over the layer's 7 linears of ``||y_q - y||^2 / ||y||^2`` on held-out text, per rounding.
 
     The method's real plan (scales, clips, activation modes) is computed once and shared by both
     roundings; ``y_q`` is ``reference.w4a8_linear_reference`` (4-bit weights, INT8 activations, exact
     integer math) on the inputs the deployed linear sees (held-out inputs of the folded float layer).
+    ``extra`` adds quantizers ``name -> f(weights, table, group, row_clip, hessian, cfg) -> {linear: QuantizedWeight}``.
     """
     table = get_format(fmt)
     cfg = CalibrationConfig(method=method, format=fmt, group_size=group, scale_scheme=scale_scheme, progress=False,
@@ -106,7 +110,8 @@ def linear_errors(rl: RealLayer, fmt: str, group: int, method: str, scale_scheme
     for h in hooks:
         h.remove()
     out = {}
-    for rounding in ("rtn", "gptq"):
+    quantizers = {r: get_rounding(r).quantize_group for r in ("rtn", "gptq")} | (extra or {})
+    for rounding, quantize in quantizers.items():
         errs = []
         for g in groups:
             p = plans[g.name]
@@ -115,9 +120,8 @@ def linear_errors(rl: RealLayer, fmt: str, group: int, method: str, scale_scheme
             input_scale = static_input_scale(caps[g.name].absmax, p.scale) if p.act_mode == "per-tensor" else None
             x = held[g.name]
             xs = x if smooth is None else x / smooth
-            q = get_rounding(rounding).quantize_group(weights, table, group, p.row_clip, hess[g.name], cfg)
+            q = quantize(weights, table, group, p.row_clip, hess[g.name], cfg)
             for n, qw in q.items():
-                assert qw.scale_scheme == scale_scheme
                 y = xs @ weights[n].t()
                 yq = w4a8_linear_reference(x, qw, p.act_mode, input_scale, smooth)
                 errs.append(float((yq - y).pow(2).sum() / y.pow(2).sum()))
@@ -137,13 +141,36 @@ def test_gptq_linear_output_error_beats_rtn_and_aqas_without_gptq(real_layer, fm
     assert aqas["gptq"] < rtn["rtn"], (rtn, aqas)
 
 
+def _closed_form_two_level(weights, table, group, row_clip, hessian, cfg, gptq: bool):
+    """Two-level with the closed-form (s, m) (``formats.two_level_scales``), rounded by RTN or GPTQ."""
+    out = {}
+    for n, w in weights.items():
+        s, m = two_level_scales(w, table, group, row_clip.get(n))
+        codes = (gptq_codes(w, hessian, m.float() * s, table, group, damp=cfg.gptq_damp) if gptq
+                 else quantize_to_codes(w, m.float() * s, table, group))
+        out[n] = QuantizedWeight(pack_codes(codes), s, table, group, m)
+    return out
+
+
+def _float_scales(weights, table, group, row_clip, hessian, cfg, rounding: str):
+    float_cfg = CalibrationConfig(method=cfg.method, rounding=rounding, format=cfg.format, group_size=group, progress=False)
+    return get_rounding(rounding).quantize_group(weights, table, group, row_clip, hessian, float_cfg)
+
+
 @pytest.mark.parametrize("method", ["rtn", pytest.param("aqas", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("fmt", ["dint4-a", "int4"])
 def test_gptq_onto_the_two_level_grid_beats_rtn_two_level(real_layer, fmt, method):
-    # group scales m[n, g] * s[n] fixed before the column loop: GPTQ's static groups on the two-level grid
-    err = linear_errors(real_layer, fmt, 64, method, TWO_LEVEL)
-    print(fmt, method, "two-level g64", {k: round(v, 5) for k, v in err.items()})
+    """GPTQ with group scales m[n, g] * s[n] fixed before the column loop (static groups) beats RTN on the
+    same grid, and the diag(H)-weighted (s, m) search beats the closed-form choice for both roundings."""
+    extra = {"closed_rtn": functools.partial(_closed_form_two_level, gptq=False),
+             "closed_gptq": functools.partial(_closed_form_two_level, gptq=True),
+             "float_rtn": functools.partial(_float_scales, rounding="rtn"),
+             "float_gptq": functools.partial(_float_scales, rounding="gptq")}
+    err = linear_errors(real_layer, fmt, 64, method, TWO_LEVEL, extra)
+    print(fmt, method, "two-level g64", {k: round(v, 5) for k, v in err.items()},
+          {f"{r}/float": round(err[r] / err[f"float_{r}"], 3) for r in ("rtn", "gptq")})
     assert err["gptq"] < err["rtn"], err
+    assert err["rtn"] < err["closed_rtn"] and err["gptq"] < err["closed_gptq"], err
 
 
 def test_two_level_gptq_codes_are_nearest_on_the_two_level_grid(real_layer):
@@ -153,7 +180,7 @@ def test_two_level_gptq_codes_are_nearest_on_the_two_level_grid(real_layer):
     table = get_format("dint4-a")
     cfg = CalibrationConfig(method="rtn", rounding="gptq", group_size=64, scale_scheme=TWO_LEVEL, progress=False)
     qw = cfg.rounding_impl.quantize_group({"down": w}, table, 64, {}, hess, cfg)["down"]
-    s, m = two_level_scales(w, table, 64)
+    s, m = search_two_level_scales(w, table, 64, col_weight=torch.diagonal(hess))  # the diag(H)-weighted search
     assert qw.scale_scheme == TWO_LEVEL and torch.equal(qw.scales, s) and torch.equal(qw.group_mult, m)
     assert int(qw.group_mult.max()) <= max_group_mult(table)
     w8, half = qw.int8_expansion()
@@ -161,7 +188,9 @@ def test_two_level_gptq_codes_are_nearest_on_the_two_level_grid(real_layer):
     group_scale = m.float() * s
     assert torch.equal(quantize_to_codes(qw.dequantize(), group_scale, table, 64), unpack_codes(qw.packed))
     rtn = CalibrationConfig(method="rtn", group_size=64, scale_scheme=TWO_LEVEL, progress=False)
-    rtn_qw = rtn.rounding_impl.quantize_group({"down": w}, table, 64, {}, None, rtn)["down"]
+    assert rtn.rounding_impl.needs_hessian and rtn.needs_activations  # two-level RTN weights its search by diag(H)
+    assert not CalibrationConfig(method="rtn", group_size=64, progress=False).needs_activations
+    rtn_qw = rtn.rounding_impl.quantize_group({"down": w}, table, 64, {}, hess, rtn)["down"]
     assert torch.equal(rtn_qw.scales, qw.scales) and torch.equal(rtn_qw.group_mult, qw.group_mult)
     assert not torch.equal(rtn_qw.packed, qw.packed)
 
