@@ -62,12 +62,18 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "w4a8_cpu_packed.cpp"
 CACHE_ROOT = Path.home() / ".cache" / "w4a8-dint" / "ext"
 EXT_NAMESPACE = "w4a8_dint_cpu_packed"
-ISA_PATHS = ("avx512_vnni", "avx2", "scalar")  # what W4A8_CPU_ISA accepts, newest first
+ISA_PATHS = ("amx", "avx512_vnni", "avx2", "scalar")  # what W4A8_CPU_ISA accepts, newest first
 TILE_ROWS, STEP_COLS = 16, 8  # the C++ layout: 16 output rows x 8 input columns per 64-byte block
 _CFLAGS = ["-O3", "-fopenmp"]
 
-# From this many rows on, decode to an int8 scratch and run one torch._int_mm (see the module docstring).
-SCRATCH_MIN_M = 128
+# From this many rows on, decode to an int8 scratch and run one torch._int_mm (see the module docstring):
+# the AMX loop keeps up with oneDNN much longer than the AVX512-VNNI one.
+SCRATCH_MIN_M = {"amx": 512, "avx512_vnni": 128, "avx2": 128, "scalar": 128}
+
+
+def scratch_min_m() -> int:
+    """The M from which the op decodes to an int8 scratch, for the ISA path this process runs."""
+    return SCRATCH_MIN_M[extension_ops().selected_isa()]
 
 
 @functools.cache

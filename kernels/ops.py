@@ -287,11 +287,11 @@ def cpu_packed_gemm_op(
     q_x: torch.Tensor, tiles: torch.Tensor, group_mult: Optional[torch.Tensor], comp: torch.Tensor, lut: torch.Tensor,
     half_scales: torch.Tensor,
 ) -> torch.Tensor:
-    from w4a8_dint.kernels.cpu_packed import SCRATCH_MIN_M, extension_ops
+    from w4a8_dint.kernels.cpu_packed import extension_ops, scratch_min_m
 
     ext = extension_ops()
     n = half_scales.shape[0]
-    if q_x.shape[0] >= SCRATCH_MIN_M and cpu_int8_gemm_exact_full_range():
+    if q_x.shape[0] >= scratch_min_m() and cpu_int8_gemm_exact_full_range():
         # Prefill: decode to a per-call int8 scratch (freed on return) and run one oneDNN int8 GEMM.
         # Only where that GEMM is exact for |w8| up to 127 (VNNI/AMX); elsewhere the exact loop runs.
         w8 = ext.decode_int8(tiles, group_mult, comp, lut, n, q_x.shape[1])

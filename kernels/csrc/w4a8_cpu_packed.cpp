@@ -25,6 +25,8 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -40,12 +42,25 @@ constexpr int kRows = 16;        // output rows per tile
 constexpr int kCols = 8;         // input columns per step
 constexpr int kStepBytes = 64;   // packed bytes per (tile, step)
 
-enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
-const char* const kIsaNames[] = {"scalar", "avx2", "avx512_vnni"};
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3 };
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512_vnni", "amx"};
+constexpr int kNumIsas = 4;
+
+// Linux hands out the AMX tile state only on request (once per process).
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
 
 bool cpu_has(Isa isa) {
   __builtin_cpu_init();
   switch (isa) {
+    case kAmx:
+      return __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") && cpu_has(kAvx512Vnni) &&
+             amx_permitted();
     case kAvx512Vnni:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vnni");
@@ -58,13 +73,14 @@ bool cpu_has(Isa isa) {
 
 Isa selected_isa() {
   static const Isa isa = [] {
-    Isa cap = kAvx512Vnni;
+    Isa cap = kAmx;
     if (const char* env = std::getenv("W4A8_CPU_ISA")) {
       std::string s(env);
       if (s == "scalar") cap = kScalar;
       else if (s == "avx2") cap = kAvx2;
-      else if (s == "avx512_vnni" || s.empty()) cap = kAvx512Vnni;
-      else TORCH_CHECK(false, "W4A8_CPU_ISA must be one of avx512_vnni, avx2, scalar; got '", s, "'");
+      else if (s == "avx512_vnni") cap = kAvx512Vnni;
+      else if (s == "amx" || s.empty()) cap = kAmx;
+      else TORCH_CHECK(false, "W4A8_CPU_ISA must be one of amx, avx512_vnni, avx2, scalar; got '", s, "'");
     }
     for (int i = cap; i > kScalar; --i)
       if (cpu_has(static_cast<Isa>(i))) return static_cast<Isa>(i);
@@ -263,6 +279,97 @@ void tile_vnni(const Problem& p, int64_t t, const uint8_t* xu, int64_t r0, int64
   }
 }
 
+
+// ---------------------------------------------------------------- AMX (int8 tiles)
+// The 64-byte steps decode straight into AMX B-tile rows: step s gives the 16 x 4 operands of column
+// quads 2s (low nibbles) and 2s + 1 (high nibbles), i.e. B rows in the layout tdpbssd wants. One
+// decoded B tile (64 columns: 8 steps) serves up to 4 C tiles of 16 activation rows (s8 x s8, no +128).
+// Two-level multipliers are applied in int32 per group (C tiles zeroed per group). All 8 tiles are
+// 16 x 64 bytes; activations are padded with zero rows/columns to fit.
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+static_assert(sizeof(TileConfig) == 64, "AMX tile configuration is 64 bytes");
+
+constexpr int kAmxRows = 16, kAmxBlocks = 3;  // rows per C tile; C tiles per pass (0-2; A 3-5; B 7)
+
+__attribute__((target("avx512f,avx512bw"))) void decode_b_tile(const uint8_t* steps, int64_t nsteps,
+                                                               const __m512i table, int8_t* b /*[16][64]*/) {
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  for (int64_t s = 0; s < 8; ++s) {
+    __m512i wl = _mm512_setzero_si512(), wh = wl;  // past the chunk: zero rows
+    if (s < nsteps) {
+      const __m512i pk = _mm512_loadu_si512(steps + s * kStepBytes);
+      wl = _mm512_shuffle_epi8(table, _mm512_and_si512(pk, nib));
+      wh = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(pk, 4), nib));
+    }
+    _mm512_store_si512(b + (2 * s) * 64, wl);
+    _mm512_store_si512(b + (2 * s + 1) * 64, wh);
+  }
+}
+
+__attribute__((target("amx-tile"))) void amx_configure() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = 16;
+    cfg.colsb[i] = 64;
+  }
+  // Not _tile_loadconfig: GCC 12's macro gives the asm an 8-byte memory operand, so the compiler drops
+  // the stores to the rest of the 64-byte configuration (found as a #GP on ldtilecfg).
+  asm volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
+
+// Rows [r0, r0 + rows) of x (int8 [Mpad, ldx], zero padded), output tile t; rows <= 48.
+__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw"))) void tile_amx(const Problem& p, int64_t t,
+                                                                            const int8_t* x, int64_t ldx,
+                                                                            int64_t r0, int64_t rows, void* out) {
+  const uint8_t* tile = p.tiles + t * p.ksteps * kStepBytes;
+  const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.lut)));
+  const int nblk = static_cast<int>((rows + kAmxRows - 1) / kAmxRows);
+  alignas(64) int8_t bbuf[16 * 64];
+  alignas(64) int32_t cbuf[kAmxRows * 16];
+  alignas(64) int32_t acc[kAmxBlocks * kAmxRows][16];
+  std::memset(acc, 0, sizeof(acc));
+  const int64_t chunk = std::min<int64_t>(8, p.gsteps);  // steps per B tile (8: 64 columns)
+  const int8_t* xa0 = x + r0 * ldx;
+  for (int64_t g = 0; g < p.ngroups; ++g) {
+    _tile_zero(0);
+    if (nblk > 1) _tile_zero(1);
+    if (nblk > 2) _tile_zero(2);
+    for (int64_t s = g * p.gsteps; s < (g + 1) * p.gsteps; s += chunk) {
+      decode_b_tile(tile + s * kStepBytes, std::min<int64_t>(chunk, (g + 1) * p.gsteps - s), table, bbuf);
+      const int8_t* xa = xa0 + s * kCols;
+      _tile_loadd(7, bbuf, 64);
+      _tile_loadd(3, xa, ldx);
+      _tile_dpbssd(0, 3, 7);
+      if (nblk > 1) { _tile_loadd(4, xa + 16 * ldx, ldx); _tile_dpbssd(1, 4, 7); }
+      if (nblk > 2) { _tile_loadd(5, xa + 32 * ldx, ldx); _tile_dpbssd(2, 5, 7); }
+    }
+    const uint8_t* mg = p.mult ? p.mult + (t * p.ngroups + g) * kRows : nullptr;
+    const __m512i mv = mg ? _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg)))
+                          : _mm512_set1_epi32(1);
+    for (int b = 0; b < nblk; ++b) {
+      if (b == 0) _tile_stored(0, cbuf, 64);
+      else if (b == 1) _tile_stored(1, cbuf, 64);
+      else _tile_stored(2, cbuf, 64);
+      const int rb = static_cast<int>(std::min<int64_t>(kAmxRows, rows - b * kAmxRows));
+      for (int r = 0; r < rb; ++r) {
+        __m512i* a = reinterpret_cast<__m512i*>(acc[b * kAmxRows + r]);
+        *a = _mm512_add_epi32(*a, _mm512_mullo_epi32(_mm512_load_si512(cbuf + r * 16), mv));
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) store_row(p, out, r0 + r, t * kRows, acc[r]);
+}
+
 // ---------------------------------------------------------------- ops
 void check_weight(const at::Tensor& tiles, const c10::optional<at::Tensor>& mult, const at::Tensor& comp,
                   const at::Tensor& lut, int64_t n, int64_t k) {
@@ -315,8 +422,13 @@ at::Tensor packed_gemm(const at::Tensor& q_x, const at::Tensor& tiles, const c10
   const int8_t* xs = xc.data_ptr<int8_t>();
   std::vector<uint8_t> xu;   // VNNI: x + 128 as u8 (pads 128, i.e. x = 0)
   std::vector<int16_t> x16;  // AVX2: sign-extended
-  std::vector<int8_t> x8;    // scalar
-  if (isa == kAvx512Vnni) {
+  std::vector<int8_t> x8;    // scalar; AMX (padded to 64 columns)
+  // AMX: a B tile may span 64 columns past a group's start, an A tile 16 rows: pad both with zeros.
+  const int64_t ldx_amx = kp + 64, m_amx = (m + 15) / 16 * 16;
+  if (isa == kAmx) {
+    x8.assign(m_amx * ldx_amx, 0);
+    for (int64_t r = 0; r < m; ++r) std::memcpy(&x8[r * ldx_amx], xs + r * k, k);
+  } else if (isa == kAvx512Vnni) {
     xu.assign(m * kp, 128);
     for (int64_t r = 0; r < m; ++r)
       for (int64_t c = 0; c < k; ++c) xu[r * kp + c] = static_cast<uint8_t>(xs[r * k + c] ^ 0x80);
@@ -332,8 +444,12 @@ at::Tensor packed_gemm(const at::Tensor& q_x, const at::Tensor& tiles, const c10
   // Parallel over tiles; at least ~128 KiB of packed weight per task.
   const int64_t grain = std::max<int64_t>(1, (128 << 10) / std::max<int64_t>(1, p.ksteps * kStepBytes));
   at::parallel_for(0, nt, grain, [&](int64_t t0, int64_t t1) {
+    if (isa == kAmx) amx_configure();  // tile configuration is per thread
     for (int64_t t = t0; t < t1; ++t) {
-      if (isa == kAvx512Vnni) {
+      if (isa == kAmx) {
+        for (int64_t r = 0; r < m; r += kAmxBlocks * kAmxRows)
+          tile_amx(p, t, x8.data(), ldx_amx, r, std::min<int64_t>(kAmxBlocks * kAmxRows, m - r), o);
+      } else if (isa == kAvx512Vnni) {
         if (p.mult) tile_vnni<true>(p, t, xu.data(), 0, m, o);
         else tile_vnni<false>(p, t, xu.data(), 0, m, o);
       } else if (isa == kAvx2) {
@@ -342,6 +458,7 @@ at::Tensor packed_gemm(const at::Tensor& q_x, const at::Tensor& tiles, const c10
         tile_scalar(p, t, x8.data(), 0, m, o);
       }
     }
+    if (isa == kAmx) amx_release();
   });
   g_last_isa.store(isa);
   return out;
@@ -453,7 +570,7 @@ std::string last_isa() {
 }
 std::string selected_isa_name() { return kIsaNames[selected_isa()]; }
 bool cpu_supports(const std::string& name) {
-  for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < kNumIsas; ++i)
     if (name == kIsaNames[i]) return cpu_has(static_cast<Isa>(i));
   TORCH_CHECK(false, "unknown ISA path '", name, "'");
 }

@@ -25,8 +25,10 @@ if not cpu_packed.load_extension()[0]:
 
 ROOT = Path(__file__).resolve().parents[2]
 EXT = cpu_packed.extension_ops()
-M_VALUES = (1, 3, 8, 17, 64, 300)  # 300 >= SCRATCH_MIN_M: the decode-to-scratch prefill path
-assert M_VALUES[-1] >= cpu_packed.SCRATCH_MIN_M > M_VALUES[-2]
+# 300 and 600: the decode-to-scratch prefill path (from 128 rows on VNNI, 512 on AMX); 64 and 300: several
+# 48-row AMX passes.
+M_VALUES = (1, 3, 8, 17, 64, 300, 600)
+assert M_VALUES[-1] >= cpu_packed.scratch_min_m() > M_VALUES[-4]
 
 
 def _random_weight(table: F.CodeTable, n: int, k: int, group: int | None, seed: int) -> F.QuantizedWeight:
@@ -118,7 +120,7 @@ def test_reports_the_isa_path_it_ran():
     assert cpu_packed.last_isa_path() == want == EXT.selected_isa()
 
 
-@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx2", "scalar"])
 def test_exact_with_the_packed_kernel_capped_to_older_isa(isa):
     """Rerun the exactness tests with W4A8_CPU_ISA capping the kernel's dispatch; the op reports the path."""
     if not EXT.cpu_supports(isa):
