@@ -23,8 +23,12 @@ Checkpoints are built once by ``benchmarks/peer_checkpoints.py`` (cached). Metri
 * decode tokens/s at batch 1 and batch ``B``: short prompts, ``T`` output tokens (ignore_eos);
   the prefill part, timed separately with one output token, is subtracted;
 * start-up seconds (process start to engine ready, plus vLLM's own load/compile split from its log);
-* resident memory after warm-up: bytes of the tensors the model holds (decoder linears / the rest)
-  and the engine process's RSS (oneDNN keeps its packed weights out of sight of torch: RSS sees them).
+* memory: the engine process's RSS after warm-up (what is resident, whatever holds it), the bytes
+  the checkpoint stores for the decoder linears, and the bytes of the tensors torch can see in the
+  model (decoder linears / the rest; oneDNN handles and vLLM's packed-GEMM closures hold their
+  weights out of torch's sight, so this undercounts those engines: RSS is the number to compare).
+* every throughput also per CPU second of the engine process (``*_cpu``): on a loaded shared box
+  the wall clock mostly measures the scheduler.
 
 The engines run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: one process per engine) so that
 ``--no-amx`` can hide AMX from vLLM's own kernel choice: vLLM picks its AMX kernels (SGL int8 /
@@ -165,6 +169,27 @@ def resident_bytes(model) -> dict[str, int]:
     return out
 
 
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def checkpoint_linear_bytes(model_dir: str) -> int | None:
+    """Bytes the checkpoint stores for the decoder linears (weights, scales, packed codes), from the headers."""
+    from safetensors import safe_open
+
+    total, files = 0, sorted(Path(model_dir).glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                if ".layers." in k and "_proj." in k:
+                    sl = st.get_slice(k)
+                    n = 1
+                    for d in sl.get_shape():
+                        n *= d
+                    total += n * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+    return total if files else None
+
+
 def _rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -172,7 +197,7 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def engine_main(model: str, dtype: str, max_model_len: int, enforce_eager: bool) -> None:
+def engine_main(model: str, dtype: str, max_model_len: int, enforce_eager: bool, kv_cache_mib: int) -> None:
     """Runs in a child process: load one engine, then serve timing requests read from stdin."""
     # Replies go to the original stdout; everything vLLM prints goes to stderr, i.e. the log file.
     replies = os.fdopen(os.dup(1), "w")
@@ -183,7 +208,7 @@ def engine_main(model: str, dtype: str, max_model_len: int, enforce_eager: bool)
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, enable_prefix_caching=False, seed=0,
-              enforce_eager=enforce_eager)
+              enforce_eager=enforce_eager, kv_cache_memory_bytes=kv_cache_mib * 2**20)
     print(json.dumps({"ready": True}), file=replies, flush=True)
     for line in sys.stdin:
         req = json.loads(line)
@@ -196,25 +221,27 @@ def engine_main(model: str, dtype: str, max_model_len: int, enforce_eager: bool)
             continue
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in req["prompts"]]
         params = SamplingParams(max_tokens=req["max_tokens"], temperature=0.0, ignore_eos=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - t0
-        print(json.dumps({"elapsed": elapsed, "generated": sum(len(o.outputs[0].token_ids) for o in outs),
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        print(json.dumps({"elapsed": elapsed, "cpu": cpu, "generated": sum(len(o.outputs[0].token_ids) for o in outs),
                           "sample": outs[0].outputs[0].text[:60]}), file=replies, flush=True)
 
 
 class Engine:
-    def __init__(self, spec: EngineSpec, model: str, max_model_len: int, enforce_eager: bool, log_dir: Path) -> None:
+    def __init__(self, spec: EngineSpec, model: str, max_model_len: int, enforce_eager: bool, log_dir: Path,
+                 kv_cache_mib: int) -> None:
         self.name = spec.name
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
                    VLLM_ENABLE_V1_MULTIPROCESSING="0", **spec.env)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # whole GiB only, and it would override --kv-cache-mib
         for var in ("ONEDNN_MAX_CPU_ISA", NO_AMX_ENV, KERNEL_ENV):
             if var not in spec.env:
                 env.pop(var, None)
         self.log_path = log_dir / f"vllm_throughput_{spec.name.replace('@', '_')}.log"
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, __file__, "--engine", model, "--dtype", spec.dtype, "--max-model-len", str(max_model_len)]
+        cmd = [sys.executable, __file__, "--engine", model, "--dtype", spec.dtype, "--max-model-len", str(max_model_len),
+               "--kv-cache-mib", str(kv_cache_mib)]
         self.proc = subprocess.Popen(cmd + (["--enforce-eager"] if enforce_eager else []),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
         t0 = time.perf_counter()
@@ -303,31 +330,40 @@ def loadavg() -> list[float]:
 
 def measure(engines: dict[str, Engine], args, prefill_prompts, decode_prompts) -> tuple[dict, list[dict], dict]:
     metrics = ("prefill_tps", "decode_b1_tps", f"decode_b{args.decode_batch}_tps")
-    results = {name: {m: [] for m in metrics} for name in engines}
-    rounds_meta, samples = [], {}
+    # Wall-clock tokens/s, and tokens per CPU second of the engine process ("_cpu": steadier on a loaded box).
+    results = {name: {m + sfx: [] for m in metrics for sfx in ("", "_cpu")} for name in engines}
+    rounds_meta, samples, died = [], {}, {}
     for rnd, order in enumerate(round_orders(list(engines), args.rounds)):  # round 0 warms up
         meta = {"round": rnd, "order": order, "loadavg_before": loadavg()}
         for name in order:
             eng = engines[name]
-            pre = eng.run(prefill_prompts, 1)
-            one = eng.run(decode_prompts[:1], 1)
-            dec = eng.run(decode_prompts[:1], args.decode_tokens)
-            one_b = eng.run(decode_prompts, 1)
-            dec_b = eng.run(decode_prompts, args.decode_tokens)
+            if name in died:
+                continue
+            try:
+                pre = eng.run(prefill_prompts, 1)
+                one = eng.run(decode_prompts[:1], 1)
+                dec = eng.run(decode_prompts[:1], args.decode_tokens)
+                one_b = eng.run(decode_prompts, 1)
+                dec_b = eng.run(decode_prompts, args.decode_tokens)
+            except RuntimeError as e:  # e.g. killed for memory: the other engines' run stays valid
+                died[name] = f"round {rnd}: {e}"
+                print(f"  {name} DIED: {e}", flush=True)
+                continue
             if rnd == 0:
                 samples[name] = dec["sample"]
                 print(f"  {name}: warm-up done; sample output: {dec['sample']!r}", flush=True)
                 continue
             n_pre = sum(len(p) for p in prefill_prompts)
-            results[name][metrics[0]].append(n_pre / pre["elapsed"])
-            results[name][metrics[1]].append((args.decode_tokens - 1) / (dec["elapsed"] - one["elapsed"]))
-            results[name][metrics[2]].append(
-                len(decode_prompts) * (args.decode_tokens - 1) / (dec_b["elapsed"] - one_b["elapsed"]))
+            for key, sfx in (("elapsed", ""), ("cpu", "_cpu")):
+                results[name][metrics[0] + sfx].append(n_pre / pre[key])
+                results[name][metrics[1] + sfx].append((args.decode_tokens - 1) / (dec[key] - one[key]))
+                results[name][metrics[2] + sfx].append(
+                    len(decode_prompts) * (args.decode_tokens - 1) / (dec_b[key] - one_b[key]))
         meta["loadavg_after"] = loadavg()
         rounds_meta.append(meta)
         print(f"  round {rnd}/{args.rounds} done (load {meta['loadavg_before'][0]} -> {meta['loadavg_after'][0]})",
               flush=True)
-    return results, rounds_meta, samples
+    return {n: r for n, r in results.items() if n not in died}, rounds_meta, samples, died
 
 
 def machine() -> dict:
@@ -362,7 +398,7 @@ def ratios_and_targets(median: dict[str, dict[str, float]], startup: dict[str, f
         ratios[f"vs_{peer}"] = {n: {m: round(median[n][m] / median[peer][m], 3) for m in median[n]}
                                 for n in median if n != peer}
         for n in ours:
-            for m, want in TARGETS[peer].items():
+            for m, want in [(m + sfx, w) for m, w in TARGETS[peer].items() for sfx in ("", "_cpu")]:
                 got = ratios[f"vs_{peer}"][n].get(m)
                 if got is not None:
                     targets.append({"engine": n, "vs": peer, "metric": m, "ratio": got, "target": f">= {want}",
@@ -391,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-batch", type=int, default=8)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--kv-cache-mib", type=int, default=256,
+                   help="KV cache per engine (default 256 MiB: N engines side by side must fit in RAM)")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start-up; bf16 may SIGILL)")
     p.add_argument("--isa-cap", default=None, help="ONEDNN_MAX_CPU_ISA for every engine, e.g. AVX512_CORE_VNNI")
     p.add_argument("--no-amx", action="store_true", help="hide AMX from vLLM's own kernel choice (see docstring)")
@@ -399,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.engine:
-        engine_main(args.engine, args.dtype, args.max_model_len, args.enforce_eager)
+        engine_main(args.engine, args.dtype, args.max_model_len, args.enforce_eager, args.kv_cache_mib)
         return 0
 
     sys.path.insert(0, str(HERE))
@@ -427,23 +465,33 @@ def main(argv: list[str] | None = None) -> int:
     engines: dict[str, Engine] = {}
     startup_load: dict[str, list[list[float]]] = {}
     memory: dict[str, dict] = {}
+    failed: dict[str, str] = {}
     try:
         for s in specs:
             print(f"starting {s.name} engine ({paths[s.name]}, {s.dtype}, env {s.env}) ...", flush=True)
             before = loadavg()
-            engines[s.name] = Engine(s, paths[s.name], args.max_model_len, args.enforce_eager, log_dir)
+            try:
+                engines[s.name] = Engine(s, paths[s.name], args.max_model_len, args.enforce_eager, log_dir,
+                                         args.kv_cache_mib)
+            except RuntimeError as e:  # one engine that cannot start does not void the others' run
+                failed[s.name] = str(e)
+                print(f"  FAILED: {e}", flush=True)
+                continue
             startup_load[s.name] = [before, loadavg()]
             print(f"  ready after {engines[s.name].startup_s:.0f} s", flush=True)
-        raw, rounds_meta, samples = measure(engines, args, prefill_prompts, decode_prompts)
+        raw, rounds_meta, samples, died = measure(engines, args, prefill_prompts, decode_prompts)
+        failed.update(died)
         for name, eng in engines.items():
-            memory[name] = eng.request({"memory": True})
+            if name in raw:
+                memory[name] = eng.request({"memory": True})
     finally:
         for eng in engines.values():
             eng.close()
 
+    specs = [s for s in specs if s.name in raw]
     median = {n: {m: statistics.median(v) for m, v in raw[n].items()} for n in raw}
-    startup = {n: e.startup_s for n, e in engines.items()}
-    ratios, targets = ratios_and_targets(median, startup, {n: e.startup_cpu_s for n, e in engines.items()})
+    startup = {n: e.startup_s for n, e in engines.items() if n in raw}
+    ratios, targets = ratios_and_targets(median, startup, {n: e.startup_cpu_s for n, e in engines.items() if n in raw})
     per_engine = {}
     for s in specs:
         per_engine[s.name] = {
@@ -451,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             "startup_s": round(startup[s.name], 1), "startup_cpu_s": engines[s.name].startup_cpu_s,
             "startup_loadavg_before_after": startup_load[s.name],
             "log": log_facts(engines[s.name].log_path), "memory": memory.get(s.name),
+            "checkpoint_linear_bytes": checkpoint_linear_bytes(paths[s.name]),
             "median": {m: round(v, 1) for m, v in median[s.name].items()},
             "rounds": {m: [round(x, 1) for x in v] for m, v in raw[s.name].items()},
             "sample": samples.get(s.name),
@@ -465,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": _versions(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("engine", "out", "plan")},
         "engine_process": "one process per engine, vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), nice as started",
-        "engines": per_engine, "ratios": ratios, "targets": targets, "rounds": rounds_meta,
+        "engines": per_engine, "failed_to_start": failed, "ratios": ratios, "targets": targets, "rounds": rounds_meta,
     }
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.is_file() else {}
