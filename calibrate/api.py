@@ -30,7 +30,7 @@ from w4a8_dint.formats import CodeTable, get_format
 from . import preflight
 from .arch import infer_structure
 from .data import calibration_data
-from .layer import LayerCalibrator
+from .layer import LayerCalibrator, search_precision
 from .recipe import DEFAULT_SEQ_LEN, CalibrationConfig, resolve_group_size
 from .rotate import rotated_source
 from .stream import (
@@ -210,6 +210,7 @@ def _run(run: _Run, out: Path, cfg: CalibrationConfig, model, tokenizer, seq_len
     stream = LayerStream(run.skeleton, run.model_dir, device)
     stream.load_outer_modules()
     batches = _record_batches(stream, data.input_ids, cfg)
+    stream.release_outer_modules()  # every call is recorded: only the hidden states are needed from here on
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.layers-", dir=out.parent) as spill_dir:
@@ -222,6 +223,7 @@ def _run(run: _Run, out: Path, cfg: CalibrationConfig, model, tokenizer, seq_len
             "tokens": data.samples * seq_len,
             "search_tokens_used": int(batches.hidden[0].shape[0] * seq_len) if batches.hidden else 0,
             "activations_collected": cfg.needs_activations,
+            "search_matmul_precision": search_precision(device) if cfg.method_impl.searches_scales else None,
             **slac_record,
             "source_model": DEFAULT_MODEL_NAME if model in (None, "", "default") else str(model),
             "w4a8_dint_version": __version__,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from w4a8_dint.formats import CodeTable, QuantizedWeight, absmax_scales, quantize_weight, resolve_group_size
+from w4a8_dint.formats import CodeTable, QuantizedWeight, absmax_scales, pack_codes, resolve_group_size
 from w4a8_dint.reference import INT8_MAX, act_scale_from_absmax
 
 _EPS = 1e-8
@@ -176,30 +176,38 @@ def row_clip_scales(w: torch.Tensor, table: CodeTable, group_size: int, row_clip
 
 
 @functools.lru_cache(maxsize=None)
-def _rounding_grid(table: CodeTable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted used values and the midpoints between them, derived from the format's table."""
-    vals = torch.tensor(sorted(table.values[c] for c in table.used_codes), dtype=torch.float32)
-    return vals, (vals[1:] + vals[:-1]) / 2
+def _rounding_grid(table: CodeTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Used values sorted, their codes, and the midpoints between them, derived from the format's table."""
+    order = sorted(table.used_codes, key=lambda c: table.values[c])
+    vals = torch.tensor([table.values[c] for c in order], dtype=torch.float32)
+    return vals, torch.tensor(order, dtype=torch.uint8), (vals[1:] + vals[:-1]) / 2
 
 
 @functools.lru_cache(maxsize=None)
-def _rounding_lut(table: CodeTable) -> tuple[torch.Tensor, int]:
-    """Value lookup for ``x`` by ``c = ceil(4 |x|)`` (``+ L`` for negative ``x``): ``(lut [2L], L)``.
+def _rounding_lut(table: CodeTable) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Value and code lookups for ``x`` by ``c = ceil(4 |x|)`` (``+ L`` for negative ``x``): ``(values [2L], codes [2L], L)``.
 
     Values are multiples of 1/2 (``half_values`` are integers), so every midpoint ``m`` is a
     multiple of 1/4 and ``4 m`` an integer: with ``u = 4 x`` (exact), rounding to the nearest
     value with ties toward zero picks index ``#{m : 4m < u}`` for ``x >= 0`` and ``#{m : 4m <= u}``
     for ``x < 0``, i.e. ``#{4m <= c - 1}`` resp. ``#{4m <= -c}``: a function of ``c`` and the sign.
     """
-    vals, mids = _rounding_grid(table)
+    vals, codes, mids = _rounding_grid(table)
     m4 = mids * 4
     if not torch.equal(m4, m4.round()):
         raise ValueError(f"{table.name}: values must be multiples of 1/2")
     L = int(m4.abs().max()) + 2  # c >= L - 1 is beyond every midpoint on both sides
     c = torch.arange(L, dtype=torch.float32)
-    pos = vals[(m4[None, :] <= (c - 1)[:, None]).sum(dim=1)]
-    neg = vals[(m4[None, :] <= -c[:, None]).sum(dim=1)]
-    return torch.cat([pos, neg]), L
+    index = torch.cat([(m4[None, :] <= (c - 1)[:, None]).sum(dim=1), (m4[None, :] <= -c[:, None]).sum(dim=1)])
+    return vals[index], codes[index], L
+
+
+def _lut_index_(x: torch.Tensor, L: int) -> torch.Tensor:
+    """``ceil(4 |x|)`` saturated at ``L - 1``, ``+ L`` where ``x < 0``, as int32; overwrites ``x``."""
+    negative = x < 0
+    c = x.abs_().mul_(4).ceil_().clamp_(max=L - 1)
+    c.add_(negative, alpha=L)
+    return c.to(torch.int32)
 
 
 def _round_to_values_(x: torch.Tensor, table: CodeTable) -> torch.Tensor:
@@ -208,11 +216,14 @@ def _round_to_values_(x: torch.Tensor, table: CodeTable) -> torch.Tensor:
     Same result as ``formats.round_to_codes`` + decode (a test checks every format and every tie)
     at about a quarter of the cost of ``bucketize``: a few in-place passes and one gather.
     """
-    lut, L = _rounding_lut(table)
-    negative = x < 0
-    c = x.abs_().mul_(4).ceil_().clamp_(max=L - 1)
-    c.add_(negative, alpha=L)
-    return lut.to(x.device)[c.to(torch.int32)]
+    lut, _, L = _rounding_lut(table)
+    return lut.to(x.device)[_lut_index_(x, L)]
+
+
+def _round_to_codes_(x: torch.Tensor, table: CodeTable) -> torch.Tensor:
+    """``formats.round_to_codes(x)`` (uint8 codes) by the same lookup; overwrites ``x``."""
+    _, lut, L = _rounding_lut(table)
+    return lut.to(x.device)[_lut_index_(x, L)]
 
 
 def fake_quantize_weight(w: torch.Tensor, table: CodeTable, group_size: int, row_clip: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,8 +249,17 @@ def fake_quantize_weight(w: torch.Tensor, table: CodeTable, group_size: int, row
 
 
 def quantize_rows(w: torch.Tensor, table: CodeTable, group_size: int, row_clip: torch.Tensor | None = None) -> QuantizedWeight:
-    g = resolve_group_size(w.shape[1], group_size)
-    return quantize_weight(w.float(), table, g, scales=row_clip_scales(w.float(), table, g, row_clip))
+    """``formats.quantize_weight(w, scales=row_clip_scales(...))`` with the codes from the lookup of
+    :func:`_round_to_codes_` instead of ``bucketize`` (bit-identical; a test checks every format)."""
+    wf = w.float()
+    n, k = wf.shape
+    g = resolve_group_size(k, group_size)
+    scales = row_clip_scales(wf, table, g, row_clip)
+    s = scales.unsqueeze(-1)
+    positive = s > 0
+    x = wf.reshape(n, k // g, g) / torch.where(positive, s, torch.ones_like(s))
+    x = torch.where(positive, x, torch.zeros_like(x))  # a zero-scale group takes the code nearest zero, as formats does
+    return QuantizedWeight(pack_codes(_round_to_codes_(x, table).reshape(n, k)), scales.float().contiguous(), table, g)
 
 
 def search_row_clip(
@@ -262,7 +282,7 @@ def search_row_clip(
     for start in range(0, len(ratios), max(1, max_elements // per_ratio)):
         r = torch.tensor(ratios[start:start + max(1, max_elements // per_ratio)], dtype=torch.float32, device=w.device)
         wq = fake_quantize_weight(w.float().expand(len(r), n, k), table, group_size, r[:, None].expand(-1, n))
-        y = (x @ wq.reshape(-1, k).t()).view(t, len(r), n)
+        y = (x @ wq.reshape(-1, k).t()).float().view(t, len(r), n)  # float: a bf16 search autocasts the matmul
         errors.append(y.sub_(y_ref[:, None, :]).pow_(2).sum(dim=0))
     err = torch.cat(errors)  # [R, N]
     best_err, best = err.min(dim=0)  # the first minimum: the largest ratio among equal errors
@@ -336,7 +356,7 @@ def linear_losses(
     outs = []
     for w, b in zip(weights, biases):
         wq = fake_quantize_weight(w.float().unsqueeze(0) * scales.float()[:, None, :], table, group_size)
-        y = torch.bmm(x2, wq.transpose(1, 2))
+        y = torch.bmm(x2, wq.transpose(1, 2)).float()  # float: a bf16 search autocasts the matmul
         outs.append(y if b is None else y.add_(b.float()))
     out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
     return out.sub_(target.float().reshape(1, -1, out.shape[-1])).pow_(2).sum(dim=(1, 2))

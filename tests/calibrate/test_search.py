@@ -52,6 +52,22 @@ def test_fast_weight_fake_quant_is_bit_identical_to_the_format_module(layer0, fm
     assert torch.equal(S.fake_quantize_weight(ties, table, -1), F.fake_quantize(ties, table, -1))
 
 
+@pytest.mark.parametrize("fmt", list(F.FORMATS))
+@pytest.mark.parametrize("group", [-1, 64, 32])
+def test_fast_quantize_rows_writes_the_format_modules_codes_and_scales(layer0, fmt, group):
+    table = F.get_format(fmt)
+    w = layer0["mlp.down_proj"][:192, :576].clone()
+    w[5] = 0.0  # an all-zero row: zero scales, the code nearest zero
+    w[7, :64] = -0.0
+    clip = torch.linspace(0.7, 1.0, w.shape[0])
+    for rows, ratios, g in ((w, None, group), (w, clip, group), (_tie_weight(table), None, -1)):
+        fast = S.quantize_rows(rows, table, g, ratios)
+        gs = F.resolve_group_size(rows.shape[1], g)
+        ref = F.quantize_weight(rows, table, gs, scales=S.row_clip_scales(rows, table, gs, ratios))
+        assert torch.equal(fast.packed, ref.packed) and torch.equal(fast.scales, ref.scales)
+        assert fast.group_size == ref.group_size
+
+
 @pytest.mark.parametrize("mode", ["per-token", "per-tensor"])
 def test_fast_activation_fake_quant_is_bit_identical_to_the_reference(layer0, mode):
     x = layer0["x"].clone()
@@ -201,6 +217,25 @@ def test_batched_candidate_losses_match_one_candidate_at_a_time(layer0, act_mode
     straight = torch.tensor([_straight_loss(x, s, w, b, y, table, 64, act_mode, st.x_absmax) for s in scales])
     torch.testing.assert_close(batched, straight, rtol=1e-5, atol=0)  # only the float summation order differs
     assert int(batched.argmin()) == int(straight.argmin())
+
+
+def test_bf16_search_losses_are_float32_and_close_to_the_float32_losses(layer0):
+    """The searches may run their matmuls in bf16 (layer.SEARCH_MATMUL_PRECISION): the losses stay float32 sums
+    and move by bf16 rounding only, far less than the spread between candidates."""
+    table = F.get_format("dint4-a")
+    x, w = layer0["x"], layer0["self_attn.q_proj"]
+    w_mean, w_max = S.weight_channel_stats([w], 64)
+    st = S.ScaleStats(x.abs().mean(0), x.abs().amax(0), w_mean, w_max)
+    scales = torch.stack([torch.ones(576)] + [S.normalize(S.family_scale("mean", a, st)) for a in (0.0, 0.5, 1.0)])
+    xs = S.candidate_inputs(x, scales, "per-token", st.x_absmax)
+    y = x @ w.t()
+    exact = S.linear_losses(xs, scales, [w], [None], y, table, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = S.linear_losses(xs, scales, [w], [None], y, table, 64)
+        ratios, _, _ = S.search_row_clip(xs[0], w, y, table, 64, (1.0, 0.9, 0.8))
+    assert fast.dtype == torch.float32 and ratios.dtype == torch.float32
+    torch.testing.assert_close(fast, exact, rtol=2e-2, atol=0)
+    assert float(exact.max() / exact.min()) > 1.1  # the candidates differ by much more than that
 
 
 def _search_scale_loop(families, grid, st, loss, full_grid):
