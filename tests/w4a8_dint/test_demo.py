@@ -49,3 +49,27 @@ def test_results_summary_lines():
     lines = demo._results_summary(doc, " Paris.", {"headline": {"area_x": 1.56}})
     assert lines[0] == "ptb ppl: float 59.00 -> W4A8 69.21" and lines[1] == "piqa acc: float 64.0% -> W4A8 61.5%"
     assert lines[2] == "vLLM: 'The capital of France is' -> ' Paris.'" and "1.56" in lines[3]
+
+
+def test_calibration_is_reused_for_the_same_inputs_only(tmp_path, monkeypatch):
+    """A second run with the same model, flags and code copies the first run's checkpoint instead of calibrating."""
+    import sys
+
+    monkeypatch.setattr(demo, "_step", lambda title, cmd: __import__("subprocess").run(cmd, check=True))
+    counter = tmp_path / "calls"
+    script = tmp_path / "fake_calibrate.py"
+    script.write_text("import sys, pathlib\n"
+                      f"c = pathlib.Path({str(counter)!r}); c.write_text(str(int(c.read_text() or 0) + 1) if c.exists() else '1')\n"
+                      "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); out.mkdir(exist_ok=True)\n"
+                      "(out / 'config.json').write_text(sys.argv[1])\n")
+    cache = tmp_path / "cache"
+
+    def run(flag: str, ckpt: str, use_cache: bool = True) -> bool:
+        cmd = [sys.executable, str(script), flag, "--out", str(tmp_path / ckpt), "--overwrite"]
+        return demo.calibrate_cached(cmd, tmp_path / ckpt, cache if use_cache else None)
+
+    assert run("--samples=16", "a") is False and counter.read_text() == "1"
+    assert run("--samples=16", "b") is True and counter.read_text() == "1"  # other --out: same inputs, a hit
+    assert (tmp_path / "b" / "config.json").read_text() == "--samples=16"
+    assert run("--samples=32", "c") is False and counter.read_text() == "2"  # other flags: calibrated again
+    assert run("--samples=16", "d", use_cache=False) is False and counter.read_text() == "3"  # --no-cache
