@@ -1,4 +1,4 @@
-"""Calibration cost and quality per method on the embedded SmolLM2-135M (all 30 layers).
+"""Calibration cost and quality per method on SmolLM2-135M and Gemma3-270m (all decoder layers).
 
 Each calibration runs in its own process so its peak RSS (``ru_maxrss``) is its own. For
 reference, one more process only loads the whole float model with ``from_pretrained``. Then,
@@ -16,7 +16,14 @@ results file by ``(method, act, group_size, samples, seq_len, threads)``; other 
 clock and prints where each layer's CPU time goes (forward passes, candidate evaluation, weight
 and activation fake-quant, clip search); ``--no-eval`` skips perplexity and layer errors.
 
-Usage: ``python benchmarks/calibrate_bench.py [--methods rtn,aqas] [--acts per-token,per-tensor] [--group-size 64]``
+``--models smollm2,gemma3`` benchmarks both offline models (``w4a8_dint.embedded``). With ``--peer``, and
+llm-compressor installed where ``benchmarks/peer_llmcompressor.py`` installs it, the peer's RTN and GPTQ
+run on the same calibration windows through that script's ``run_job`` (its own process, peak RSS,
+wall and CPU of ``oneshot`` alone: the model is loaded before its clock starts, ours includes loading);
+without ``--peer`` the table shows the peer rows that script already recorded for the same model and
+granularity (``benchmarks/results/peer_llmcompressor.json``, with their own load averages).
+
+Usage: ``python benchmarks/calibrate_bench.py [--models smollm2,gemma3] [--methods rtn,aqas] [--acts per-token] [--group-size 64] [--peer]``
 Prints a table and writes ``benchmarks/results/calibrate_bench.json``.
 """
 
@@ -83,6 +90,16 @@ def _profile_summary(prof, layers: int) -> dict[str, float]:
     return out
 
 
+MODELS = ("smollm2", "gemma3")
+
+
+def _model_dir(name: str) -> Path:
+    """``smollm2`` / ``gemma3`` (the offline models the package ships) or a local HF directory."""
+    from w4a8_dint.embedded import embedded_model_dir, gemma3_model_dir
+
+    return Path({"smollm2": embedded_model_dir, "gemma3": gemma3_model_dir}.get(name, lambda: name)())
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -92,10 +109,8 @@ def worker(args: argparse.Namespace) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from w4a8_dint.calibrate.data import calibration_data
-        from w4a8_dint.embedded import embedded_model_dir
-
         t = time.perf_counter()
-        src = embedded_model_dir()
+        src = _model_dir(args.model)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         data = calibration_data(AutoTokenizer.from_pretrained(src), "c4", args.samples, args.seq_len, 0)
         with torch.no_grad():
@@ -128,19 +143,19 @@ def worker(args: argparse.Namespace) -> None:
         import cProfile
 
         prof = cProfile.Profile(time.process_time)  # CPU time: on a shared box wall time measures the neighbours
-        prof.runcall(calibrate, None, args.out, cfg)
+        prof.runcall(calibrate, _model_dir(args.model), args.out, cfg)
         if os.environ.get("CALIBRATE_PROFILE_DUMP"):
             prof.dump_stats(os.environ["CALIBRATE_PROFILE_DUMP"])
         extra = {"profile_cpu_s_per_layer": _profile_summary(prof, args.profile), "profile_layers": args.profile}
     else:
-        calibrate(None, args.out, cfg)
+        calibrate(_model_dir(args.model), args.out, cfg)
         extra = {}
     print(json.dumps({"wall_s": time.perf_counter() - t, "cpu_s": _cpu_s() - c, "peak_rss_mb": _rss_mb(), **before_write,
                       "loadavg_start": load, "loadavg_end": os.getloadavg(), **extra}))
 
 
 def _spawn(args: argparse.Namespace, job: str, out: Path | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", job, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+    cmd = [sys.executable, __file__, "--worker", job, "--model", args.model, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
            "--search-tokens", str(args.search_tokens), "--threads", str(args.threads), "--profile", str(args.profile)]
     if args.group_size is not None:
         cmd += ["--group-size", str(args.group_size)]
@@ -155,6 +170,8 @@ def _spawn(args: argparse.Namespace, job: str, out: Path | None = None) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="smollm2", help=f"comma-separated: {', '.join(MODELS)} or local HF dirs (default: smollm2)")
+    p.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)  # the worker's one model
     p.add_argument("--methods", default="rtn,smoothquant,awq,aqas,fptq")
     p.add_argument("--acts", default="per-token,per-tensor", help="act modes for the non-FPTQ methods")
     p.add_argument("--samples", type=int, default=16)
@@ -164,6 +181,8 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=None, help="weight group size (default: each method's own)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile a calibration of the first N layers instead")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity and layer errors (cost rows only)")
+    p.add_argument("--peer", action="store_true",
+                   help="also run llm-compressor's RTN and GPTQ on the same windows (needs its install, see peer_llmcompressor.py)")
     p.add_argument("--ablate-subset", type=int, default=0, metavar="N",
                    help="compare the alpha-search loss on the whole search batch vs the subset, first N layers")
     p.add_argument("--subset", type=float, default=0.5, help="sequence fraction for --ablate-subset (default 0.5)")
@@ -180,19 +199,64 @@ def main() -> None:
     if args.ablate_subset:
         return ablate_loss_subset(args)
     import torch
+
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    result = _load_results()
+    rows = []
+    for model in args.models.split(","):
+        args.model = model
+        rows += bench_model(args, result)
+    result.update({
+        "benchmark": "calibrate_bench",
+        "model": "rows carry 'model' (smollm2 = SmolLM2-135M-Instruct, embedded, fp32, 30 layers; gemma3 = Gemma3-270m, "
+                 "18 layers); rows without it are SmolLM2",
+        "setting": {"format": "dint4-a", "group_size": "per row ('group_size'; null: the method's default: -1, fptq: 64)",
+                    "dataset": "c4 (second half)", "search_tokens": args.search_tokens,
+                    "eval": f"PTB test, first {args.eval_tokens} tokens, seqlen 512; layer error on 4x256 held-out PTB tokens, exact reference kernel",
+                    "cost": "wall_s, cpu_s (user + system, all threads) and peak RSS of the calibration process; loadavg around each run",
+                    "peer": "llm-compressor rows: wall/CPU of oneshot() only (model loaded before the clock), peak RSS of its process"},
+        "machine": {"cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+    })
+    latest = _load_results()  # keep what other invocations (profiles, ablations) wrote meanwhile
+    result = {**latest, **{k: v for k, v in result.items() if k not in ("profiles", "ablations")}}
+    result["runs"] = _merge(latest.get("runs", []), rows)
+    _write_results(result)
+    print(f"\ndint4-a, {args.samples} x {args.seq_len} C4 tokens, {args.threads} thread(s), "
+          f"load avg {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'model':8s} {'method':16s} {'act':10s} {'group':>6s} {'wall s':>8s} {'CPU s':>8s} {'RSS calib MB':>13s} "
+          f"{'RSS peak MB':>12s} {'PTB ppl':>9s} {'layer err':>10s} {'load':>6s}")
+    shown = rows + _peer_rows(args, rows)
+    for r in shown:
+        calib_rss = r.get("peak_rss_calibration_mb", r["peak_rss_mb"])
+        load = (r.get("loadavg_start") or [float("nan")])[0]
+        print(f"{r.get('model', 'smollm2'):8s} {r['method']:16s} {r['act']:10s} {str(r['group_size']):>6s} {r['wall_s']:8.1f} "
+              f"{r['cpu_s']:8.1f} {calib_rss:13.0f} {r['peak_rss_mb']:12.0f} {r.get('ppl_ptb', float('nan')):9.2f} "
+              f"{r.get('layer_err_mean', float('nan')):10.4f} {float(load):6.1f}")
+    print("RSS calib: high-water mark before the checkpoint writer runs; RSS peak: including the writer + validation. "
+          "llm-compressor rows: oneshot() only; 'recorded' = read from peer_llmcompressor.json, not run now")
+    print(f"wrote {RESULTS}")
+
+
+def bench_model(args: argparse.Namespace, result: dict) -> list[dict]:
+    """Every method x act of one model, each calibration in its own process (+ the peer's with ``--peer``)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from w4a8_dint.calibrate.verify import fake_quant_model, layer_errors, perplexity
-    from w4a8_dint.embedded import embedded_model_dir, ptb_text
+    from w4a8_dint.embedded import ptb_text
 
-    torch.set_num_threads(args.threads)
-    src = embedded_model_dir()
-    load_start = os.getloadavg()
+    src = _model_dir(args.model)
+    n_layers = json.loads((src / "config.json").read_text()).get("num_hidden_layers") or \
+        json.loads((src / "config.json").read_text())["text_config"]["num_hidden_layers"]
     jobs = [f"{m}:{a}" for m in args.methods.split(",") if m != "fptq" for a in args.acts.split(",")]
     if "fptq" in args.methods.split(","):
         jobs.append("fptq:per-token")  # FPTQ picks the activation mode per layer itself
-    result = _load_results()
-    if not args.no_eval:
+    # verify.perplexity adds no BOS: the float-simulation perplexity is only meaningful for SmolLM2 (Gemma3 needs
+    # BOS per window; its accuracy is in peer_llmcompressor.json / benchmarks/accuracy.md)
+    evaluate = not args.no_eval and args.model == "smollm2"
+    if evaluate:
         tok = AutoTokenizer.from_pretrained(src)
         ptb = torch.tensor(tok(ptb_text("test")[:200_000])["input_ids"])
         layer_ids = ptb[-1024:].reshape(4, 256)  # held-out text for layer errors (the PPL windows start at the front)
@@ -204,45 +268,83 @@ def main() -> None:
         for job in jobs:
             method, act = job.split(":")
             out = Path(tmp) / job.replace(":", "-")
-            print(f"calibrating {job} ...", file=sys.stderr, flush=True)
+            print(f"calibrating {args.model} {job} ...", file=sys.stderr, flush=True)
             cost = _spawn(args, job, out)
-            row = {"method": method, "act": act if method != "fptq" else "per-layer", "group_size": args.group_size,
-                   "samples": args.samples, "seq_len": args.seq_len, "threads": args.threads, "label": args.label, **cost}
-            if not args.no_eval:
-                errs = layer_errors(src, out, layer_ids, 30, exact=True)
+            row = {"model": args.model, "method": method, "act": act if method != "fptq" else "per-layer",
+                   "group_size": args.group_size, "samples": args.samples, "seq_len": args.seq_len, "threads": args.threads,
+                   "label": args.label, **cost}
+            if evaluate:
+                errs = layer_errors(src, out, layer_ids, n_layers, exact=True)
                 row.update(ppl_ptb=perplexity(fake_quant_model(out, src), ptb, 512, args.eval_tokens),
                            layer_err_mean=sum(errs) / len(errs), layer_err=errs)
             rows.append(row)
             print(f"  {row['wall_s']:.0f} s wall, {row['cpu_s']:.0f} s CPU", file=sys.stderr, flush=True)
-    result.update({
-        "benchmark": "calibrate_bench",
-        "model": "SmolLM2-135M-Instruct (embedded; fp32; 30 layers)",
-        "setting": {"format": "dint4-a", "group_size": "per row ('group_size'; null: the method's default: -1, fptq: 64)",
-                    "dataset": "c4 (second half)", "search_tokens": args.search_tokens,
-                    "eval": f"PTB test, first {args.eval_tokens} tokens, seqlen 512; layer error on 4x256 held-out PTB tokens, exact reference kernel",
-                    "cost": "wall_s, cpu_s (user + system, all threads) and peak RSS of the calibration process; loadavg around each run"},
-        "machine": {"cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-                    "torch": torch.__version__, "python": platform.python_version()},
-    })
-    latest = _load_results()  # keep what other invocations (profiles, ablations) wrote meanwhile
-    result = {**latest, **{k: v for k, v in result.items() if k not in ("profiles", "ablations")}}
-    result["runs"] = _merge(latest.get("runs", []), rows)
-    _write_results(result)
-    print(f"\nSmolLM2-135M, dint4-a, {args.samples} x {args.seq_len} C4 tokens, {args.threads} thread(s), "
-          f"load avg {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
-    print(f"{'method':12s} {'act':10s} {'group':>6s} {'wall s':>8s} {'CPU s':>8s} {'RSS calib MB':>13s} {'RSS peak MB':>12s} {'PTB ppl':>9s} {'layer err':>10s}")
-    for r in rows:
-        print(f"{r['method']:12s} {r['act']:10s} {str(r['group_size']):>6s} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} "
-              f"{r['peak_rss_calibration_mb']:13.0f} {r['peak_rss_mb']:12.0f} {r.get('ppl_ptb', float('nan')):9.2f} "
-              f"{r.get('layer_err_mean', float('nan')):10.4f}")
-    print("RSS calib: high-water mark before the checkpoint writer runs; RSS peak: including the writer + validation")
-    print(f"wrote {RESULTS}")
+    if args.peer:
+        rows += run_peer(args)
+    return rows
+
+
+def _peer_module():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peer_llmcompressor
+
+    return peer_llmcompressor
+
+
+def run_peer(args: argparse.Namespace) -> list[dict]:
+    """llm-compressor's RTN and GPTQ on our windows via peer_llmcompressor.run_job (skipped when not installed)."""
+    peer = _peer_module()
+    target = peer.peer_dir()
+    if not (target / "llmcompressor").is_dir():
+        print(f"llm-compressor not installed at {target} (python benchmarks/peer_llmcompressor.py installs it): "
+              "peer rows skipped", file=sys.stderr)
+        return []
+    rows = []
+    group = -1 if args.group_size is None else args.group_size
+    for recipe in ("rtn", "gptq"):
+        job = {"model": str(_model_dir(args.model)), "recipe": recipe, "group_size": group, "dataset": "c4",
+               "samples": args.samples, "seq_len": args.seq_len, "seed": 0, "eval_seq_len": 512, "eval_tokens": args.eval_tokens,
+               "datasets": ["ptb"], "add_bos": args.model == "gemma3", "threads": args.threads, "acts_off_check": False}
+        print(f"llm-compressor {args.model} {recipe} ...", file=sys.stderr, flush=True)
+        load = os.getloadavg()
+        res = peer.run_job(job, target)
+        if "error" in res:
+            print(f"  failed: {res['error']}", file=sys.stderr)
+            continue
+        rows.append({"model": args.model, "method": f"llmcompressor-{recipe}", "act": "per-token", "group_size": args.group_size,
+                     "samples": args.samples, "seq_len": args.seq_len, "threads": args.threads, "label": args.label,
+                     "wall_s": res["calib_wall_s"], "cpu_s": res["calib_cpu_s"], "peak_rss_mb": res["peak_rss_mb"],
+                     "loadavg_start": load, "loadavg_end": os.getloadavg(), "ppl_ptb_peer_harness": res["ppl"].get("ptb")})
+    return rows
+
+
+def _peer_rows(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    """Peer RTN/GPTQ rows recorded by peer_llmcompressor.py for the models and granularity of this run (display only)."""
+    if args.peer:
+        return []
+    path = Path(__file__).resolve().parent / "results" / "peer_llmcompressor.json"
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except (OSError, ValueError, KeyError):
+        return []
+    group = -1 if args.group_size is None else args.group_size
+    out = []
+    for model in dict.fromkeys(r.get("model", "smollm2") for r in rows):
+        for recipe in ("rtn", "gptq"):
+            r = runs.get(f"{model}|g{group}|{recipe}", {})
+            res = r.get("result", {})
+            if "calib_wall_s" not in res:
+                continue
+            out.append({"model": model, "method": f"llmcompressor-{recipe}", "act": "recorded", "group_size": group,
+                        "wall_s": res["calib_wall_s"], "cpu_s": res["calib_cpu_s"], "peak_rss_mb": res["peak_rss_mb"],
+                        "loadavg_start": [float(x) for x in r.get("loadavg", ["nan"])]})
+    return out
 
 
 def _row_key(r: dict) -> tuple:
     # rows written before group_size/samples/threads were recorded ran with the file's old setting: per channel, 16 x 512, 1 thread
-    return (r["method"], r["act"], r.get("group_size"), r.get("samples", 16), r.get("seq_len", 512), r.get("threads", 1),
-            r.get("label", ""))
+    return (r.get("model", "smollm2"), r["method"], r["act"], r.get("group_size"), r.get("samples", 16), r.get("seq_len", 512),
+            r.get("threads", 1), r.get("label", ""))
 
 
 def _merge(old: list[dict], new: list[dict]) -> list[dict]:
