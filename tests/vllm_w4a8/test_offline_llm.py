@@ -8,7 +8,10 @@ inputs: what TP has to shard -- packed qweight along K for row layers, group sca
 smoothing vectors along K, per-token scales over the full row (all-gathered absmax).
 
 Quantization is auto-detected from config.json (no ``quantization=`` argument); float32, vLLM's
-default compiled graph. The TP=1 engine run is shared by both tests.
+default compiled graph. The TP=1 engine run is shared by both tests. TP=2 also runs the same padded
+model with TWO-LEVEL group-64 scales (integer multiplier x per-channel float; the multipliers shard
+with the group scales' layout): it must load and match its own reference (one more engine start, no
+second TP=1 run).
 """
 
 from __future__ import annotations
@@ -19,6 +22,13 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+@pytest.fixture(scope="module")
+def tp_two_level_ckpt(tp_ckpt, helpers, tmp_path_factory):
+    """The TP checkpoint's padded float model, group 64 with two-level scales (same overrides)."""
+    return helpers.quantize_for_tests(tp_ckpt.float_dir, tmp_path_factory.mktemp("tp2l") / "w4a8-g64-two-level",
+                                      group_size=64, overrides=tp_ckpt.overrides, scale_scheme="two-level")
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +51,21 @@ def test_llm_autodetects_and_matches_reference(tp1_run, reference, helpers):
     assert "run the 'onednn-int8' kernel (INT8 activations, per-tensor, format dint4-a, group 64, float scales)" in log
 
 
-def test_tp2_matches_tp1_and_reference(tp_ckpt, tp1_run, reference, helpers, tmp_path):
-    tp2 = helpers.run_offline_llm(tp_ckpt.path, tmp_path, scored_ids=reference["scored_ids"],
+@pytest.mark.parametrize("scales", ["float", "two-level"])
+def test_tp2_matches_tp1_and_reference(scales, request, tp_ckpt, reference, helpers, tmp_path):
+    ckpt = tp_ckpt if scales == "float" else request.getfixturevalue("tp_two_level_ckpt")
+    ref = reference if scales == "float" else helpers.reference_outputs(ckpt.path, ckpt.float_dir)
+    tp2 = helpers.run_offline_llm(ckpt.path, tmp_path, scored_ids=ref["scored_ids"],
                                   env=helpers.engine_env(**TP2_ENV), dtype="float32", tensor_parallel_size=2)
-    summary = helpers.check_run_against_reference(tp2, reference, "TP=2")
+    summary = helpers.check_run_against_reference(tp2, ref, f"TP=2 {scales} scales")
+    assert "tensor_parallel_size=2" in tp2["log"]
+    assert f"format dint4-a, group 64, {scales} scales)" in tp2["log"]  # the kernel ran this checkpoint's layout
+    if scales != "float":
+        print(f"TP=2 {scales} vs reference:", summary)
+        return
+    tp1_run = request.getfixturevalue("tp1_run")
     print("TP=2 vs reference:", summary, "TP=2 vs TP=1:", helpers.compare_scores(tp2["scores"], tp1_run["scores"]))
     # Both vLLM runs give the same greedy tokens wherever the reference is decisive.
     for i, r in enumerate(reference["completions"]):
         d = helpers.decisive_length(r["gaps"])
         assert tp1_run["completions"][i]["token_ids"][:d] == tp2["completions"][i]["token_ids"][:d]
-    assert "tensor_parallel_size=2" in tp2["log"]
