@@ -136,7 +136,9 @@ def run_grid(shapes, m_values, rounds: int, only: tuple[str, ...] | None) -> lis
                     calls[f"{name}_gemm"] = lambda f=_gemm_only(name, kern, st): f(q)
                 for f in calls.values():  # warm-up (and first-call allocations)
                     f()
-                isa = last_isa_path() if "cpu-packed" in prepared and m < 128 else None
+                from w4a8_dint.kernels.cpu_packed import scratch_min_m
+
+                isa = last_isa_path() if "cpu-packed" in prepared and m < scratch_min_m() else "scratch+torch._int_mm"
                 times = {name: ([], []) for name in calls}
                 for _ in range(rounds):
                     for name, f in calls.items():
@@ -195,7 +197,7 @@ def main() -> None:
             "timing": "median of per-call thread CPU time over alternating rounds (wall medians too)",
             "rounds": args.rounds}
     rows = run_grid(shapes, args.m, args.rounds, None)
-    print(_table(rows, "native ISA (cpu-packed avx512_vnni; oneDNN with AMX where present)"))
+    print(_table(rows, "native ISA (cpu-packed's best path: amx where present; oneDNN with AMX where present)"))
     variants = {}
     for name, env in VARIANTS.items():
         cmd = [sys.executable, __file__, "--child", name, "--rounds", str(args.rounds), "--shapes", *shapes,

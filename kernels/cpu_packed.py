@@ -3,9 +3,10 @@
 Why: decode (M <= 8) on CPU is memory bound, and the int8-expansion kernels (``onednn-int8``,
 ``cpu-int8``) stream 8 bits per weight. This kernel keeps 4 bits per weight resident and decodes
 in registers (kernels/csrc/w4a8_cpu_packed.cpp): a byte shuffle through the format's 16-entry
-table, then exact integer dot products (AVX512-VNNI ``vpdpbusd``; AVX2 sign-extended ``vpmaddwd``,
-never the saturating ``vpmaddubsw``; scalar C++). The C++ op reports which ISA path ran, and
-``W4A8_CPU_ISA={avx512_vnni,avx2,scalar}`` caps it (tests rerun under each cap).
+table, then exact integer dot products: AMX (the decoded bytes are exactly the rows of an int8 B tile;
+``tdpbssd``, one decoded tile serving up to 48 activation rows), AVX512-VNNI ``vpdpbusd``, AVX2
+sign-extended ``vpmaddwd`` (never the saturating ``vpmaddubsw``), scalar C++. The C++ op reports which
+ISA path ran, and ``W4A8_CPU_ISA={amx,avx512_vnni,avx2,scalar}`` caps it (tests rerun under each cap).
 
 Resident memory per layer: the packed codes re-laid out in 16-row x 8-column blocks (``N' * K' / 2``
 bytes, N' and K' padded to 16 and 8), two-level multipliers one byte per row and group
@@ -22,25 +23,28 @@ group (``sum_g m_g * sum_k x * 2v``). Float group scales are refused: they need 
 group *inside* the reduction (K / G partial sums each scaled and summed in the reference's order),
 which is no longer one integer GEMM; ``onednn-int8`` / ``cpu-int8`` run them.
 
-M buckets (prefill): for M >= :data:`SCRATCH_MIN_M` the op instead decodes the packed weight to a
-per-call int8 scratch ``[N, K]`` (freed on return, so resident memory stays 4-bit) and runs one
-``torch._int_mm`` (oneDNN: AMX / VNNI), because the in-register loop re-decodes the weight for every
-8 rows and runs at VNNI rate while oneDNN has AMX. Only where that GEMM is exact for |w8| <= 127
-(VNNI/AMX, ``reference.cpu_int8_gemm_exact_full_range``); elsewhere the exact loop runs for every M.
-Measured on the shared 2-core Xeon (AVX512-VNNI + AMX), 4096 x 4096, one thread, thread CPU ms,
-loadavg ~10 (the decode to scratch is ~3 ms of it):
+M buckets (prefill): for M >= :func:`scratch_min_m` (512 rows on the AMX path, 128 on the others) the
+op instead decodes the packed weight to a per-call int8 scratch ``[N, K]`` (freed on return, so
+resident memory stays 4-bit) and runs one ``torch._int_mm`` (oneDNN: AMX / VNNI), because the
+in-register loop re-decodes the weight for every 48 (AMX) or 8 (VNNI) rows. Only where that GEMM is
+exact for |w8| <= 127 (VNNI/AMX, ``reference.cpu_int8_gemm_exact_full_range``); elsewhere the exact
+loop runs for every M. Measured on the shared 2-core Xeon (AVX512-VNNI + AMX), 4096 x 4096, one
+thread, thread CPU ms (scratch = ~3 ms decode + ``torch._int_mm``):
 
-    M                        32      64     128     256     512
-    per-channel   loop     2.86    5.21    9.96   18.69   37.17
-                  scratch  7.48    7.81    8.97   10.95   21.52
-    two-level g64 loop     3.32    6.16   10.59   21.62   44.20
-                  scratch  9.04   10.13   11.33   13.88   21.84
+    M                                32      64     128     256     512    1024
+    VNNI loop, per-channel         2.86    5.21    9.96   18.69   37.17       -   (loadavg ~10)
+    VNNI loop, two-level g64       3.32    6.16   10.59   21.62   44.20       -
+    scratch, per-channel           7.48    7.81    8.97   10.95   21.52       -
+    scratch, two-level g64         9.04   10.13   11.33   13.88   21.84       -
+    AMX loop, per-channel          0.78    1.74       -    6.29       -   47.23   (loadavg ~37)
+    oneDNN (AMX, prepacked)        1.51    1.46       -    4.36       -   25.33
 
-Against the int8-expansion kernels (benchmarks/kernel_bench_cpu_packed.py, Llama-7B/8B shapes,
-GEMM alone, loadavg 13-22): M = 1 is 1.36-1.62x faster than ``onednn-int8`` and 5.6-8.3x faster than
-``cpu-int8``; M = 8 is 0.86-1.11x ``onednn-int8`` (VNNI issue rate vs oneDNN's AMX) and 3.7-4.9x
-``cpu-int8``; prefill (M >= 64) is 0.25-0.57x ``onednn-int8`` and 0.65-1.43x ``cpu-int8``.
-Hence its place in ``linear.KERNELS``: after ``onednn-int8``, before ``cpu-int8``.
+Against the int8-expansion kernels (benchmarks/kernel_bench_cpu_packed.py: Llama-7B/8B shapes, GEMM
+alone, AMX path, loadavg 52-78, so noisy): M = 1 0.98-1.56x and M = 8 0.88-1.55x ``onednn-int8``
+(AMX), 4-7x ``cpu-int8``; M = 64 0.60-1.41x; M >= 256 0.32-0.77x ``onednn-int8``. Two-level layers
+gain less than per-channel ones on the AMX path (a C-tile store and int32 multiply per group).
+Hence its place in ``linear.KERNELS``: after ``onednn-int8`` (vLLM's prefill is faster there),
+before ``cpu-int8``.
 """
 
 from __future__ import annotations

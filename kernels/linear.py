@@ -144,10 +144,10 @@ class TritonW4A8Kernel(W4A8LinearKernel):
 
 # Preference order: the GPU kernel first (it says why it cannot run elsewhere), then vLLM-CPU's oneDNN
 # (only where vLLM is loaded), the 4-bit-resident CPU kernel, the plain-torch CPU kernel, and the reference.
-# cpu-packed sits after onednn-int8: it decodes 2-3x faster (M <= 8) but prefill (M >= 64) is ~3x slower than
-# oneDNN's prepacked AMX GEMM, and vLLM prefills. It sits before cpu-int8: faster at decode (torch._int_mm
+# cpu-packed sits after onednn-int8: at decode (M <= 8) it is 0.9-1.6x oneDNN's AMX GEMM on the loaded box, but
+# prefill (M >= 256) is 0.3-0.8x, and vLLM prefills. It sits before cpu-int8: 4-7x faster at decode (torch._int_mm
 # repacks the int8 weight every call), similar at prefill, half the weight memory; per-channel and two-level
-# layers only (float group scales fall through to cpu-int8). Numbers: benchmarks/results/kernel_bench_cpu_packed.json.
+# layers only (float group scales fall through). Numbers: benchmarks/results/kernel_bench_cpu_packed.json.
 KERNELS: tuple[type[W4A8LinearKernel], ...] = (
     TritonW4A8Kernel, OneDnnInt8Kernel, CpuPackedKernel, CpuInt8Kernel, ReferenceKernel,
 )

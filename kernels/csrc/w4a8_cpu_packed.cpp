@@ -15,7 +15,8 @@
 //          in as x + 128 and this is subtracted; int32 wraparound makes it exact whenever the true
 //          result fits int32, as the reference's own int32 accumulator requires anyway).
 //
-// ISA paths (runtime dispatch, capped by env W4A8_CPU_ISA in {avx512_vnni, avx2, scalar}):
+// ISA paths (runtime dispatch, capped by env W4A8_CPU_ISA in {amx, avx512_vnni, avx2, scalar}):
+//   amx          decoded steps are the rows of an int8 B tile; tdpbssd (s8 x s8 -> int32, exact)
 //   avx512_vnni  vpshufb decode + vpdpbusd (u8 x s8 -> int32, no intermediate saturation)
 //   avx2         vpshufb decode, sign-extend to int16 (times m in int16), vpmaddwd: exact. Never
 //                vpmaddubsw: its int16 pair sums saturate for |w| > 64 (the bug reference.py documents).
