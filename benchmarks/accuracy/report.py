@@ -315,7 +315,7 @@ def best_recipes(res: dict[str, list], study: StudySettings) -> dict[str, dict[s
 
 def calib_cost(rec: dict | None) -> dict[str, float | None]:
     """Calibration wall s, CPU s and peak RSS MiB (the last two only for runs measured in a child process)."""
-    keys = ("calibrate_s", "calibrate_cpu_s", "calibrate_peak_rss_mib")
+    keys = ("calibrate_s", "calibrate_cpu_s", "calibrate_peak_rss_mib", "calibrate_maxrss_incl_parent_mib")
     return {k: None if rec is None else rec.get(k) for k in keys}
 
 
@@ -362,7 +362,10 @@ def g64_seed_noise(res: dict[str, list], study: StudySettings) -> list[dict[str,
 
 def _cost_cells(c: dict[str, float | None]) -> str:
     f = lambda v, fmt: "—" if v is None else fmt.format(v)  # noqa: E731
-    return f"{f(c['calibrate_s'], '{:.0f}')} | {f(c['calibrate_cpu_s'], '{:.0f}')} | {f(c['calibrate_peak_rss_mib'], '{:.0f}')}"
+    rss = f(c["calibrate_peak_rss_mib"], "{:.0f}")
+    if c["calibrate_peak_rss_mib"] is None and c.get("calibrate_maxrss_incl_parent_mib") is not None:
+        rss = f"≤ {c['calibrate_maxrss_incl_parent_mib']:.0f}"  # an upper bound (see the section text)
+    return f"{f(c['calibrate_s'], '{:.0f}')} | {f(c['calibrate_cpu_s'], '{:.0f}')} | {rss}"
 
 
 def gptq_section(res: dict[str, list], study: StudySettings) -> list[str]:
@@ -373,7 +376,8 @@ def gptq_section(res: dict[str, list], study: StudySettings) -> list[str]:
          f"% = perplexity over FP32. Targets: per channel within +{TARGETS[None]:.0f}%, g64 within +{TARGETS[64]:.0f}% "
          "(PTB and C4). Calibration cost: wall s, CPU s (user + system, all threads) and peak RSS MiB of the calibration "
          "process (imports and model load included; wall time on the shared box, load average in each run's JSON; "
-         "— = run from before these were measured). GPTQ's Hessian comes from this study's calibration budget "
+         "— = run from before these were measured; ≤ N = an upper bound: the first runs of this round took "
+         "wait4's ru_maxrss, which on Linux includes the spawning parent's high-water mark, now the child's own VmHWM). GPTQ's Hessian comes from this study's calibration budget "
          f"({study.samples} x {study.seq_len} tokens; the recipe default is 32 x 512), which is small for a 576- and "
          "1536-wide Hessian (`benchmarks/peer_llmcompressor.py` runs ours at 32 samples).", "",
          "| recipe | granularity | " + " | ".join(f"{d.upper()} | {d.upper()} %" for d in ds)

@@ -58,11 +58,29 @@ def calibrate_child(job_json: str) -> int:
 
     job = json.loads(job_json)
     calibrate(None, Path(job["out"]), CalibrationConfig(**job["config"]), rotate=job["rotate"])
+    _usage_path(Path(job["out"])).write_text(json.dumps({"peak_rss_mib": _own_peak_rss_mib()}))
     return 0
 
 
+def _usage_path(out: Path) -> Path:
+    return out.with_name(out.name + ".usage.json")
+
+
+def _own_peak_rss_mib() -> float | None:
+    """This process's own RSS high-water mark (VmHWM). Not ``ru_maxrss``: Linux carries the spawning parent's
+    high-water mark into a vfork+exec child's ``ru_maxrss``, so a child of a big parent reads as big as it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    return None
+
+
 def _calibrate(spec: RunSpec, study: StudySettings, out: Path, progress: bool) -> dict[str, Any]:
-    """Calibrate in a child process; its wall s, CPU s and peak RSS (MiB, imports included)."""
+    """Calibrate in a child process; its wall s, CPU s (user + system, from wait4) and its own peak RSS (MiB, imports
+    and model load included)."""
     cmd = [sys.executable, str(SCRIPT), "--calibrate", json.dumps(calibration_job(spec, study, out, progress))]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
@@ -76,8 +94,9 @@ def _calibrate(spec: RunSpec, study: StudySettings, out: Path, progress: bool) -
     proc.returncode = os.waitstatus_to_exitcode(status)  # wait4 reaped it; keep Popen from waiting again
     if proc.returncode != 0:
         raise RuntimeError(f"{spec.label}: calibration exited with {proc.returncode}")
+    own = json.loads(_usage_path(out).read_text()) if _usage_path(out).is_file() else {}
     return {"calibrate_s": round(wall, 1), "calibrate_cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-            "calibrate_peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
+            "calibrate_peak_rss_mib": own.get("peak_rss_mib"),
             "calibrate_loadavg": [round(x, 2) for x in os.getloadavg()]}  # the 1/5/15-min load when it ended
 
 
