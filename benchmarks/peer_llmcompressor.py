@@ -252,7 +252,10 @@ def run_job(job: dict[str, Any], peer: Path) -> dict[str, Any]:
         env["PYTHONPATH"] = os.pathsep.join([str(peer), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
+        # the last line that is not a progress bar; a negative code is a signal (9: e.g. the kernel's OOM killer)
+        lines = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.strip() and "%|" not in ln]
+        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        return {"error": f"{why}: {lines[-1]}" if lines else why, "returncode": proc.returncode,
                 "stderr_tail": proc.stderr[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -351,7 +354,7 @@ def report_section(results: dict[str, Any]) -> str:
             for r in rs:
                 res = r["result"]
                 if not ok(r):
-                    out.append(f"| {_gran(g)} | {r['recipe']} | error: `{res['error'][:90]}` ||||||||")
+                    out.append(f"| {_gran(g)} | {r['recipe']} | error: `{res['error'][:170]}` ||||||||")
                     continue
                 p = res["ppl"]
                 ex = _excess(p, fp) if fp else None
@@ -394,7 +397,9 @@ def report_section(results: dict[str, Any]) -> str:
         out.append("")
     out += ["### Verdicts: our best vs the peer's best, and vs the issue's targets", "",
             "\"Best\" = lowest geometric mean of the PTB and C4 ratios to FP32 among the recipes run; percentages "
-            "are PTB / C4. A target is met only when both PTB and C4 are within it.", "", *summary, "", SECTION_END]
+            "are PTB / C4. A target is met only when both PTB and C4 are within it. A missing row is run (and this "
+            "block rebuilt) with `python benchmarks/peer_llmcompressor.py --model M --groups G --recipes R "
+            "[--skip-acts-off]` then `--report`.", "", *summary, "", SECTION_END]
     return "\n".join(out)
 
 
