@@ -392,6 +392,9 @@ def report_section(results: dict[str, Any]) -> str:
                 vs = " / ".join(_pct(v) for v in rel.values())
                 v_peer = "**met**" if all(v < 0 for v in rel.values()) else (
                     "**missed**" if all(v >= 0 for v in rel.values()) else "**split**") + " (PTB / C4)"
+            missing = [n for n in (*RECIPES, *OURS) if n not in {r["recipe"] for r in peer + ours}]
+            if missing and (pb or ob):  # a verdict over an incomplete set says so
+                v_peer += f"; not run or failed: {', '.join(missing)}"
             summary.append(f"| {m} | {_gran(g)} | {fp['ptb']:.2f} / {fp['c4']:.2f} | {cell(pb)} | {cell(ob)} | {vs} | "
                            f"{'-' if target is None else f'within {_pct(target)}'} | {v_target} | {v_peer} |")
         out.append("")

@@ -119,7 +119,7 @@ def test_report_verdicts_follow_the_numbers_and_only_the_marked_block_is_rewritt
     # g128: ours +4.0% / +4.0% over FP32 (target 5%: met); below the peer's best on both sets
     assert "gptq: 110.00 / 54.00" in verdicts["g128"]  # geo-mean 1.090 beats sq-gptq's 1.099
     assert "**met** (+4.0% / +4.0% vs +5.0%)" in verdicts["g128"]
-    assert verdicts["g128"].rstrip(" |").endswith("**met**")
+    assert "| **met**; not run or failed: rtn, awq, ours-rtn" in verdicts["g128"]  # an incomplete set says so
     # per channel: +25% / +22% misses +10%; ours is lower on PTB but higher on C4 than the peer: split
     assert "**missed** (+25.0% / +22.0% vs +10.0%)" in verdicts["per channel"]
     assert "**split** (PTB / C4)" in verdicts["per channel"]
