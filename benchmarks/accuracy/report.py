@@ -560,7 +560,7 @@ def markdown(res: dict[str, list], study: StudySettings) -> str:
             L.append(f"- {label}: " + ", ".join(f"{n} {v:.2f}" for n, v in dd[k]))
     if not dd:
         L.append("- (runs missing)")
-    L += ["", "## Measured runtime (shared 2-core CPU, one torch thread per run, 2 runs in parallel)", "",
+    L += ["", "## Measured runtime (shared 2-core CPU, one torch thread per run; the gptq / twolevel parts ran one at a time, the rest 2 in parallel)", "",
           "Wall seconds per run, min-max over the runs of each type. The box was shared: other engineers' vLLM "
           "tests and calibrations ran at the same time, so the same run type varied up to 2-3x.", "",
           "| run type | runs | calibrate s | eval s |", "|---|---:|---:|---:|"]
